@@ -1,0 +1,53 @@
+# diffusers-grpc: `make demo` (a real image from a real server) and `make test` are the two entry points.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test unit lint protos check-protos bench clean
+
+install: $(STAMP) $(NODE_STAMP)
+
+# torch first, pinned to the CPU wheel on disk, so nothing later can pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+# buf (proto lint) and the Node.js client of the end-to-end tests; skipped with a note where npm is missing.
+$(NODE_STAMP): package.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: the buf lint and Node.js client tests will be skipped"; fi
+
+demo: install
+	$(PY) scripts/demo.py --output demo.png
+
+test: install lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install check-protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy service model_store batching
+	@if [ -x node_modules/.bin/buf ]; then node_modules/.bin/buf lint && echo "buf lint: ok"; fi
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+check-protos: $(STAMP)
+	$(PY) scripts/gen_protos.py --check
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .diffusers-grpc-home demo.png bench/results

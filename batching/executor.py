@@ -1,0 +1,200 @@
+"""The executor: one worker thread per device replica, each taking batches from a shared queue.
+
+Each worker builds its own runner (its own pipeline replica and schedulers) inside its thread, because
+diffusers schedulers are stateful and must never be shared across threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import InvalidInputError, ItemCancelledError, WorkerUnavailableError
+from .items import BatchKey, WorkItem, set_exception, set_result
+from .queue import Batch, BatchQueue, Clock
+
+log = logging.getLogger(__name__)
+
+StepHook = Callable[[int, int], bool]
+"""Called by a runner after each step with (step, total); returns False when the call should be interrupted."""
+
+
+class BatchRunner(Protocol):
+    """Runs batches on one device replica. Called only from its worker's thread."""
+
+    def warmup(self) -> None:
+        """Run once before the worker takes work, so the first request does not pay for lazy init."""
+
+    def run_batch(self, key: BatchKey, items: Sequence[WorkItem], on_step: StepHook) -> Sequence[Any]:
+        """Run the items as one call; return one result per item, in order. Raise to fail the whole call."""
+
+
+RunnerFactory = Callable[[], BatchRunner]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What happened to one batch, for metrics and the benchmark."""
+
+    worker: str
+    key: BatchKey
+    size: int
+    queue_wait: Sequence[float]
+    run_seconds: float
+    outcome: str  # "ok", "error", "interrupted"
+
+
+class Executor:
+    """Queues work items and runs them in batches on per-device worker threads."""
+
+    def __init__(
+        self,
+        runner_factories: Sequence[tuple[str, RunnerFactory]],
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        clock: Clock = time.monotonic,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
+        if not runner_factories:
+            raise ValueError("the executor needs at least one worker")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self.queue = BatchQueue(max_queue, clock)
+        self._clock = clock
+        self._on_batch = on_batch
+        self._factories = list(runner_factories)
+        self._threads: list[threading.Thread] = []
+        self._ready = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._live = 0
+        self._failed: list[BaseException] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, factory in self._factories:
+            thread = threading.Thread(target=self._work, args=(name, factory), name=f"worker-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every worker has built and warmed its runner; raise if one failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._ready.acquire(timeout=remaining):
+                raise TimeoutError("workers did not become ready in time")
+        if self._failed:
+            raise RuntimeError(f"a worker failed to start: {self._failed[0]!r}") from self._failed[0]
+
+    @property
+    def healthy(self) -> bool:
+        """True while every worker thread is alive."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._failed
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop taking new work, let workers drain the queue, then fail whatever is left."""
+        self.queue.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.queue.fail_all(WorkerUnavailableError("the server is shutting down"))
+
+    # --- submitting ----------------------------------------------------------------------------------------
+
+    def submit(self, items: Sequence[WorkItem]) -> None:
+        """Queue the items (all or none). Raises QueueFullError or WorkerUnavailableError."""
+        if not self.healthy and self._threads:
+            raise WorkerUnavailableError("no live worker")
+        self.queue.put(items)
+
+    # --- workers -------------------------------------------------------------------------------------------
+
+    def _work(self, name: str, factory: RunnerFactory) -> None:
+        try:
+            runner = factory()
+            runner.warmup()
+        except BaseException as exc:
+            log.exception("worker %s failed to start", name)
+            self._failed.append(exc)
+            self._ready.release()
+            return
+        self._ready.release()
+        try:
+            while (batch := self.queue.take(self.max_batch_size)) is not None:
+                self._run(name, runner, batch)
+        except BaseException:
+            log.exception("worker %s died", name)
+            if not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
+                self.queue.close()
+                self.queue.fail_all(WorkerUnavailableError("every worker has died"))
+            raise
+
+    def _run(self, name: str, runner: BatchRunner, batch: Batch) -> None:
+        items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
+        if not items:
+            return
+        started = self._clock()
+        outcome = "ok"
+        try:
+            results = runner.run_batch(batch.key, items, self._step_hook(items, started))
+        except BaseException as exc:
+            outcome = "error"
+            self._fail(name, runner, batch.key, items, exc)
+        else:
+            if len(results) != len(items):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(items)} items")
+            for item, result in zip(items, results):
+                if item.cancel_requested:  # the caller has gone; an interrupted call's output is partial anyway
+                    set_exception(item.future, ItemCancelledError("cancelled while running"))
+                else:
+                    set_result(item.future, result)
+            if all(item.cancel_requested for item in items):
+                outcome = "interrupted"
+        if self._on_batch is not None:
+            waits = [w for item, w in zip(batch.items, batch.queue_wait) if item in items]
+            self._on_batch(BatchReport(name, batch.key, len(items), waits, self._clock() - started, outcome))
+
+    def _fail(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem], exc: BaseException) -> None:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise exc
+        if all(item.cancel_requested for item in items):
+            for item in items:
+                set_exception(item.future, ItemCancelledError("cancelled while running"))
+            return
+        if len(items) == 1:
+            set_exception(items[0].future, _classify(exc))
+            return
+        log.warning("worker %s: batch of %d failed (%r); retrying items alone", name, len(items), exc)
+        for item in items:  # failure isolation: only an item that fails alone gets the error
+            try:
+                (result,) = runner.run_batch(key, [item], self._step_hook([item], self._clock()))
+            except Exception as single:
+                set_exception(item.future, _classify(single))
+            else:
+                set_result(item.future, result)
+
+    def _step_hook(self, items: Sequence[WorkItem], started: float) -> StepHook:
+        def on_step(step: int, total: int) -> bool:
+            for item in items:
+                if item.on_progress is not None and not item.cancel_requested:
+                    try:
+                        item.on_progress(step, total)
+                    except Exception:
+                        log.exception("progress callback failed")
+            return not all(item.cancel_requested for item in items)
+
+        return on_step
+
+
+def _classify(exc: BaseException) -> BaseException:
+    """Pipelines signal bad input with ValueError/TypeError; everything else is a bug or a device fault."""
+    if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, InvalidInputError):
+        return InvalidInputError(str(exc))
+    return exc

@@ -1,0 +1,92 @@
+"""Work items and batch keys: the unit the executor queues, groups and runs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+ProgressCallback = Callable[[int, int], None]
+"""Called from a worker thread after each denoising step with (step, total_steps)."""
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Items with equal keys may run in one pipeline call.
+
+    `params` holds every argument the pipeline takes as one value for the whole call (size, steps, guidance,
+    scheduler...), as sorted (name, value) pairs so the key is hashable. `group` holds values that must also
+    match but are not call arguments (the input image size: diffusers would silently resize mismatched inputs).
+    """
+
+    model: str
+    signature: str
+    params: tuple[tuple[str, Hashable], ...] = ()
+    batchable: bool = True
+    batch_dim: int = 0
+    group: tuple[tuple[str, Hashable], ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        model: str,
+        signature: str,
+        params: Mapping[str, Hashable],
+        *,
+        batchable: bool = True,
+        batch_dim: int = 0,
+        group: Mapping[str, Hashable] | None = None,
+    ) -> BatchKey:
+        return cls(
+            model,
+            signature,
+            tuple(sorted(params.items())),
+            batchable,
+            batch_dim,
+            tuple(sorted((group or {}).items())),
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+@dataclass(frozen=True, eq=False)
+class WorkItem:
+    """One image to make. `inputs` are the per-item arguments stacked along the batch dimension."""
+
+    key: BatchKey
+    inputs: Mapping[str, Any]
+    seed: int
+    deadline: float | None = None  # in the executor clock's time (time.monotonic by default)
+    on_progress: ProgressCallback | None = None
+    future: Future[Any] = field(default_factory=Future)
+    _cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Ask for the item not to run; a running batch whose items are all cancelled is interrupted."""
+        self._cancel_requested.set()
+        self.future.cancel()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested.is_set()
+
+
+def set_result(future: Future[Any], value: Any) -> None:
+    """Set a future's result unless it is already done (cancelled, or failed by another path)."""
+    if not future.done():
+        try:
+            future.set_result(value)
+        except Exception:  # lost a race with cancel(): the caller has gone, nothing to report
+            pass
+
+
+def set_exception(future: Future[Any], error: BaseException) -> None:
+    """Fail a future unless it is already done."""
+    if not future.done():
+        try:
+            future.set_exception(error)
+        except Exception:
+            pass

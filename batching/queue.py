@@ -1,0 +1,128 @@
+"""The bounded batch queue: one FIFO per batch key, taken oldest-group-first by free workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import DeadlineExceededError, QueueFullError, WorkerUnavailableError
+from .items import BatchKey, WorkItem, set_exception
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    item: WorkItem
+    arrived: float
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Items taken together, with the time each waited in the queue."""
+
+    key: BatchKey
+    items: Sequence[WorkItem]
+    queue_wait: Sequence[float]
+
+
+class BatchQueue:
+    """Holds items until a worker takes them. Thread-safe; workers block on a condition, never poll."""
+
+    def __init__(self, max_items: int, clock: Clock = time.monotonic) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        self.max_items = max_items
+        self._clock = clock
+        self._groups: OrderedDict[BatchKey, deque[_Entry]] = OrderedDict()
+        self._size = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return self._size
+
+    def put(self, items: Sequence[WorkItem]) -> None:
+        """Enqueue all items or none: a request is never half-queued."""
+        with self._cond:
+            if self._closed:
+                raise WorkerUnavailableError("the executor is not accepting work (shutting down or no live worker)")
+            if self._size + len(items) > self.max_items:
+                raise QueueFullError(
+                    f"queue full: {self._size} items waiting, limit {self.max_items}, request needs {len(items)}"
+                )
+            now = self._clock()
+            for item in items:
+                self._groups.setdefault(item.key, deque()).append(_Entry(item, now))
+            self._size += len(items)
+            self._cond.notify(len(items))
+
+    def take(self, max_batch_size: int) -> Batch | None:
+        """Block until work is waiting, then take the oldest group's head, up to the batch limit.
+
+        Cancelled and expired items are dropped (expired ones failed) on the way. Returns None once closed and
+        empty.
+        """
+        with self._cond:
+            while True:
+                batch = self._pop_batch(max_batch_size)
+                if batch is not None:
+                    return batch
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Refuse new items; workers drain what is queued, then `take` returns None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def fail_all(self, error: BaseException) -> int:
+        """Fail every queued item (for a forced shutdown or when no worker is left). Returns how many."""
+        with self._cond:
+            failed = 0
+            for entries in self._groups.values():
+                for entry in entries:
+                    set_exception(entry.item.future, error)
+                    failed += 1
+            self._groups.clear()
+            self._size = 0
+            return failed
+
+    def _pop_batch(self, max_batch_size: int) -> Batch | None:
+        now = self._clock()
+        self._drop_dead(now)
+        if not self._groups:
+            return None
+        key = min(self._groups, key=lambda k: self._groups[k][0].arrived)  # oldest head first: no starvation
+        entries = self._groups[key]
+        limit = max_batch_size if key.batchable else 1
+        taken = [entries.popleft() for _ in range(min(limit, len(entries)))]
+        if not entries:
+            del self._groups[key]
+        self._size -= len(taken)
+        return Batch(key, [e.item for e in taken], [now - e.arrived for e in taken])
+
+    def _drop_dead(self, now: float) -> None:
+        for key in list(self._groups):
+            entries = self._groups[key]
+            alive = deque(e for e in entries if not _dead(e.item, now))
+            self._size -= len(entries) - len(alive)
+            if alive:
+                self._groups[key] = alive
+            else:
+                del self._groups[key]
+
+
+def _dead(item: WorkItem, now: float) -> bool:
+    if item.cancel_requested or item.future.cancelled():
+        return True
+    if item.deadline is not None and now >= item.deadline:
+        set_exception(item.future, DeadlineExceededError("deadline passed while the item was queued"))
+        return True
+    return False

@@ -1,0 +1,70 @@
+"""A local, versioned store of diffusers pipelines.
+
+Module-level functions act on the default store at `$DIFFUSERS_GRPC_HOME` (default `~/.diffusers-grpc`), read
+when each function is called.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import (
+    IntegrityError,
+    InvalidSignatureError,
+    InvalidTagError,
+    ModelExistsError,
+    ModelNotFoundError,
+    StoreError,
+)
+from .model import LoadOptions, Model, ModelInfo
+from .signatures import Signature
+from .store import ModelStore, default_home
+from .tags import Tag
+
+__all__ = [
+    "IntegrityError",
+    "InvalidSignatureError",
+    "InvalidTagError",
+    "LoadOptions",
+    "Model",
+    "ModelExistsError",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "ModelStore",
+    "Signature",
+    "StoreError",
+    "Tag",
+    "default_home",
+    "delete",
+    "get",
+    "import_model",
+    "list_models",
+    "save_model",
+]
+
+
+def import_model(name: str, source: str | os.PathLike[str], **kwargs: Any) -> Model:
+    """Import a pipeline folder or hub id into the default store; see ModelStore.import_model."""
+    return ModelStore().import_model(name, source, **kwargs)
+
+
+def save_model(name: str, pipeline: Any, *, signatures: Mapping[str, Any] | None = None, **kwargs: Any) -> Model:
+    """Store an in-memory pipeline in the default store; see ModelStore.save_model."""
+    return ModelStore().save_model(name, pipeline, signatures=signatures, **kwargs)
+
+
+def get(tag: str) -> Model:
+    """Find a model in the default store by `name`, `name:latest`, `name:version` or a version prefix."""
+    return ModelStore().get(tag)
+
+
+def list_models() -> list[Model]:
+    """Every model in the default store."""
+    return ModelStore().list_models()
+
+
+def delete(tag: str) -> Model:
+    """Delete a model version from the default store."""
+    return ModelStore().delete(tag)

@@ -1,0 +1,207 @@
+"""A stored model: its recorded info (model.yaml), loading options, and loading into a pipeline or a runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .errors import IntegrityError, StoreError
+from .signatures import Signature
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+MODEL_FILE = "model.yaml"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What model.yaml records about a stored model."""
+
+    name: str
+    version: str
+    created: str
+    pipeline_class: str
+    diffusers_version: str
+    torch_version: str
+    signatures: Mapping[str, Signature]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "pipeline_class": self.pipeline_class,
+            "diffusers_version": self.diffusers_version,
+            "torch_version": self.torch_version,
+            "signatures": {name: sig.to_dict() for name, sig in self.signatures.items()},
+            "options": dict(self.options),
+            "labels": dict(self.labels),
+            "metadata": dict(self.metadata),
+            "files": {name: dict(entry) for name, entry in self.files.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        signatures = {
+            name: Signature(name=name, **{k: v for k, v in sig.items() if k in ("batchable", "batch_dim", "task")})
+            for name, sig in data["signatures"].items()
+        }
+        return cls(
+            name=data["name"],
+            version=data["version"],
+            created=data["created"],
+            pipeline_class=data["pipeline_class"],
+            diffusers_version=data.get("diffusers_version", ""),
+            torch_version=data.get("torch_version", ""),
+            signatures=signatures,
+            options=data.get("options") or {},
+            labels=data.get("labels") or {},
+            metadata=data.get("metadata") or {},
+            files=data.get("files") or {},
+        )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a stored pipeline. Immutable: `Model.with_options` returns a new Model."""
+
+    device: str | None = None
+    torch_dtype: str | None = None  # "float32", "float16", "bfloat16", "float64"
+    scheduler: str | None = None  # a diffusers scheduler class name, built with from_config
+    pipeline_class: str | None = None
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model in the store: `name:version`, its folder, its info, and how to load it."""
+
+    path: Path
+    info: ModelInfo
+    options: LoadOptions = LoadOptions()
+
+    @classmethod
+    def load(cls, folder: Path) -> Model:
+        try:
+            data = yaml.safe_load((folder / MODEL_FILE).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise StoreError(f"cannot read {folder / MODEL_FILE}: {exc}") from exc
+        model = cls(path=folder, info=ModelInfo.from_dict(data))
+        model.check_files(full=False)
+        return model
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def tag(self) -> str:
+        return f"{self.info.name}:{self.info.version}"
+
+    @property
+    def signatures(self) -> Mapping[str, Signature]:
+        return self.info.signatures
+
+    def with_options(self, **options: Any) -> Model:
+        """A copy of this model that loads with the given options (see LoadOptions)."""
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **options))
+
+    def check_files(self, *, full: bool) -> None:
+        """Check every recorded file exists with its size; `full` also re-hashes it (slow for big models)."""
+        from .files import sha256_file
+
+        for rel, entry in self.info.files.items():
+            path = self.path / rel
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise IntegrityError(f"{self.tag}: file {rel} is missing") from None
+            if size != entry.get("size", size):
+                raise IntegrityError(f"{self.tag}: file {rel} has size {size}, expected {entry['size']}")
+            if full and sha256_file(path) != entry["sha256"]:
+                raise IntegrityError(f"{self.tag}: file {rel} does not match its sha256")
+
+    def load_pipeline(self, device: str | None = None) -> Any:
+        """Load the stored pipeline with this model's options, on `device` (default: the option, else cpu)."""
+        import diffusers
+        import torch
+
+        os.environ.setdefault("DIFFUSERS_DISABLE_REMOTE_CODE", "1")  # never fetch code while loading
+        opts = self.options
+        class_name = opts.pipeline_class or self.info.pipeline_class
+        pipeline_cls = getattr(diffusers, class_name.rsplit(".", 1)[-1], None) or diffusers.DiffusionPipeline
+        kwargs: dict[str, Any] = {"use_safetensors": True}
+        if opts.torch_dtype:
+            kwargs["torch_dtype"] = getattr(torch, opts.torch_dtype)
+        variant = opts.variant or self.info.options.get("variant")
+        if variant:
+            kwargs["variant"] = variant
+        pipeline = pipeline_cls.from_pretrained(self.path, **kwargs)
+        if opts.scheduler:
+            scheduler_cls = getattr(diffusers, opts.scheduler)
+            pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+        pipeline.to(device or opts.device or "cpu")
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def to_runner(self, device: str | None = None) -> Runner:
+        """Load the pipeline and return a runner with one callable per signature."""
+        from .runner import Runner
+
+        return Runner(self, self.load_pipeline(device))
+
+
+@dataclass(frozen=True)
+class PipelineDefaults:
+    """Facts read from a stored pipeline's config files, without loading any weights."""
+
+    height: int
+    width: int
+    scheduler: str
+    compatible_schedulers: tuple[str, ...]
+
+
+def read_pipeline_defaults(folder: Path) -> PipelineDefaults:
+    """Default output size (UNet sample size x VAE scale factor) and the scheduler choices of a stored pipeline."""
+    import json
+
+    def config(part: str, name: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads((folder / part / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return {}
+
+    unet, vae = config("unet", "config.json"), config("vae", "config.json")
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    sample = unet.get("sample_size", 64)
+    height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)[:2]
+    scheduler = str(config("scheduler", "scheduler_config.json").get("_class_name", ""))
+    return PipelineDefaults(int(height) * scale, int(width) * scale, scheduler, _compatibles(scheduler))
+
+
+def _compatibles(scheduler: str) -> tuple[str, ...]:
+    import diffusers
+
+    cls = getattr(diffusers, scheduler, None)
+    if cls is None:
+        return ()
+    names = {scheduler} | {str(name) for name in getattr(cls, "_compatibles", [])}
+    # Only schedulers that build from this config without extra packages (e.g. scipy/torchsde extras).
+    return tuple(sorted(n for n in names if getattr(diffusers, n, None) is not None and "Dummy" not in n))

@@ -1,0 +1,255 @@
+"""The on-disk model store: `<home>/models/<name>/<version>/` with model.yaml, published atomically.
+
+Writers build a model inside `<home>/.tmp/`, fsync it, and rename it into place under a per-name file lock, then
+replace `<home>/models/<name>/latest` atomically. A crash at any point leaves at most an orphan in `.tmp/`,
+which is never listed and is swept by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock
+
+from .errors import ModelExistsError, ModelNotFoundError, StoreError
+from .files import atomic_write_text, copy_tree, fsync_dir, fsync_tree, list_files, sha256_file
+from .model import MODEL_FILE, Model, ModelInfo
+from .signatures import parse_signatures
+from .tags import LATEST, Tag, new_version, validate_part
+
+HOME_ENV = "DIFFUSERS_GRPC_HOME"
+_STALE_TMP_SECONDS = 3600
+
+
+def default_home() -> Path:
+    """The store home: $DIFFUSERS_GRPC_HOME, else ~/.diffusers-grpc (read at call time, never at import)."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".diffusers-grpc").expanduser()
+
+
+class ModelStore:
+    """A local, versioned store of diffusers pipelines."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.models_dir = self.home / "models"
+        self._tmp_dir = self.home / ".tmp"
+        self._locks_dir = self.home / ".locks"
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    def get(self, tag: str | Tag) -> Model:
+        """Find a model by `name`, `name:latest`, `name:version` or a unique version prefix."""
+        parsed = tag if isinstance(tag, Tag) else Tag.parse(tag)
+        version = parsed.version or self._latest_version(parsed.name)
+        folder = self.models_dir / parsed.name / version
+        if not (folder / MODEL_FILE).is_file():
+            folder = self.models_dir / parsed.name / self._match_prefix(parsed.name, version)
+        return Model.load(folder)
+
+    def list_models(self, name: str | None = None) -> list[Model]:
+        """Every stored model (or every version of `name`), sorted by name then version."""
+        if not self.models_dir.is_dir():
+            return []
+        names = [name] if name else sorted(p.name for p in self.models_dir.iterdir() if p.is_dir())
+        models = []
+        for model_name in names:
+            for version in self._versions(model_name):
+                models.append(Model.load(self.models_dir / model_name / version))
+        return models
+
+    def _versions(self, name: str) -> list[str]:
+        folder = self.models_dir / name
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / MODEL_FILE).is_file())
+
+    def _latest_version(self, name: str) -> str:
+        pointer = self.models_dir / name / LATEST
+        try:
+            version = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            version = ""
+        if version and (self.models_dir / name / version / MODEL_FILE).is_file():
+            return version
+        versions = self._versions(name)  # the pointer is missing or stale: fall back to the newest
+        if not versions:
+            raise ModelNotFoundError(f"model {name!r} not found in the store at {self.home}")
+        return versions[-1]
+
+    def _match_prefix(self, name: str, prefix: str) -> str:
+        matches = [v for v in self._versions(name) if v.startswith(prefix)]
+        if not matches:
+            raise ModelNotFoundError(f"model {name}:{prefix} not found in the store at {self.home}")
+        if len(matches) > 1:
+            raise ModelNotFoundError(f"version prefix {name}:{prefix} is ambiguous: matches {', '.join(matches)}")
+        return matches[0]
+
+    # --- writing -----------------------------------------------------------------------------------------
+
+    def import_model(
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        *,
+        signatures: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        pipeline_class: str | type | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        version: str | None = None,
+    ) -> Model:
+        """Copy a diffusers pipeline folder (or a hub id, resolved through the local HF cache) into the store."""
+        from .sources import resolve_source
+
+        validate_part(name, "model name")
+        folder = resolve_source(source, revision=revision, variant=variant)
+        class_name = _class_name(folder, pipeline_class)
+
+        def fill(target: Path) -> None:
+            copy_tree(folder, target)
+
+        return self._publish(
+            name, fill, class_name, signatures, labels, metadata, version, options={"variant": variant}
+        )
+
+    def save_model(
+        self,
+        name: str,
+        pipeline: Any,
+        *,
+        signatures: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        version: str | None = None,
+    ) -> Model:
+        """Store an in-memory pipeline object (saved with safetensors)."""
+        validate_part(name, "model name")
+
+        def fill(target: Path) -> None:
+            pipeline.save_pretrained(target, safe_serialization=True)
+
+        return self._publish(name, fill, type(pipeline).__name__, signatures, labels, metadata, version, {})
+
+    def _publish(
+        self,
+        name: str,
+        fill: Any,
+        class_name: str,
+        signatures: Mapping[str, Any] | None,
+        labels: Mapping[str, str] | None,
+        metadata: Mapping[str, Any] | None,
+        version: str | None,
+        options: Mapping[str, Any],
+    ) -> Model:
+        import diffusers
+        import torch
+
+        pipeline_cls = getattr(diffusers, class_name, None)
+        parsed = parse_signatures(signatures, pipeline_cls, class_name)
+        version = validate_part(version, "model version") if version else new_version()
+        if version == LATEST:
+            raise StoreError("'latest' is reserved and cannot be used as a version")
+        for key, value in (labels or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise StoreError(f"labels must map strings to strings, got {key!r}: {value!r}")
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_tmp()
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self._tmp_dir))
+        try:
+            fill(staging)
+            info = ModelInfo(
+                name=name,
+                version=version,
+                created=datetime.now(timezone.utc).isoformat(),
+                pipeline_class=class_name,
+                diffusers_version=diffusers.__version__,
+                torch_version=torch.__version__.split("+")[0],
+                signatures=parsed,
+                options={k: v for k, v in options.items() if v is not None},
+                labels=dict(labels or {}),
+                metadata=dict(metadata or {}),
+                files={
+                    rel: {"sha256": sha256_file(staging / rel), "size": (staging / rel).stat().st_size}
+                    for rel in list_files(staging)
+                },
+            )
+            (staging / MODEL_FILE).write_text(yaml.safe_dump(info.to_dict(), sort_keys=False), encoding="utf-8")
+            fsync_tree(staging)
+            with self._lock(name):
+                target = self.models_dir / name / version
+                if target.exists():
+                    raise ModelExistsError(f"model {name}:{version} already exists")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(staging, target)
+                fsync_dir(target.parent)
+                self._point_latest(name)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return Model.load(self.models_dir / name / version)
+
+    def delete(self, tag: str | Tag) -> Model:
+        """Delete one version (`name:version`), or the newest one for a bare name; `latest` moves back."""
+        model = self.get(tag)
+        with self._lock(model.name):
+            trash = Path(tempfile.mkdtemp(prefix=f"deleted-{model.name}-", dir=self._tmp_dir))
+            os.rename(model.path, trash / model.version)  # disappears from listings atomically
+            self._point_latest(model.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        return model
+
+    def _point_latest(self, name: str) -> None:
+        folder = self.models_dir / name
+        versions = self._versions(name)
+        pointer = folder / LATEST
+        if versions:
+            atomic_write_text(pointer, versions[-1] + "\n")
+        else:
+            pointer.unlink(missing_ok=True)
+            with _suppress(OSError):
+                folder.rmdir()
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        self._locks_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self._locks_dir / f"{name}.lock")):
+            yield
+
+    def _sweep_tmp(self) -> None:
+        """Remove staging folders left by crashed writers (old enough that no live writer owns them)."""
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for entry in self._tmp_dir.iterdir():
+            with _suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry)
+
+
+@contextmanager
+def _suppress(*errors: type[BaseException]) -> Iterator[None]:
+    try:
+        yield
+    except errors:
+        pass
+
+
+def _class_name(folder: Path, pipeline_class: str | type | None) -> str:
+    if isinstance(pipeline_class, type):
+        return pipeline_class.__name__
+    if pipeline_class:
+        return pipeline_class.rsplit(".", 1)[-1]
+    index = folder / "model_index.json"
+    try:
+        return str(json.loads(index.read_text(encoding="utf-8"))["_class_name"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise StoreError(f"{folder} is not a diffusers pipeline folder: cannot read model_index.json ({exc})") from exc

@@ -1,0 +1,192 @@
+"""`diffusers-grpc models ...`: manage the local model store."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from model_store import Model, ModelStore, StoreError
+
+from .common import CliError, print_json
+
+DEMO_NAME = "tiny-sd"
+DEMO_SIGNATURES = {
+    "__call__": {"batchable": True, "batch_dim": 0},
+    "img2img": {"batchable": True, "batch_dim": 0},
+    "inpaint": {"batchable": True, "batch_dim": 0},
+}
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser("models", help="manage the local model store ($DIFFUSERS_GRPC_HOME)")
+    sub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    demo = sub.add_parser("create-demo", help="build the tiny offline demo pipeline and import it")
+    demo.add_argument("name", nargs="?", default=DEMO_NAME, help=f"model name (default {DEMO_NAME})")
+    demo.add_argument("--force", action="store_true", help="import a new version even if the name exists")
+    demo.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same weights)")
+    demo.set_defaults(run=create_demo)
+
+    lister = sub.add_parser("list", help="list stored models")
+    lister.add_argument("--json", action="store_true", help="machine-readable output")
+    lister.set_defaults(run=list_models)
+
+    getter = sub.add_parser("get", help="show one model")
+    getter.add_argument("tag")
+    getter.add_argument("--json", action="store_true", help="machine-readable output")
+    getter.set_defaults(run=get_model)
+
+    importer = sub.add_parser("import", help="import a pipeline folder or hub id")
+    importer.add_argument("name")
+    importer.add_argument("source", help="a local diffusers pipeline folder or a hub id (resolved offline-first)")
+    importer.add_argument(
+        "--signature",
+        action="append",
+        default=[],
+        metavar="METHOD[:batchable[:BATCH_DIM]]",
+        help="a served method; repeatable (default: __call__, not batchable)",
+    )
+    importer.add_argument("--label", action="append", default=[], metavar="K=V")
+    importer.add_argument("--metadata", action="append", default=[], metavar="K=V")
+    importer.add_argument("--pipeline-class")
+    importer.add_argument("--variant")
+    importer.add_argument("--revision")
+    importer.add_argument("--version", help="pin the version instead of generating one")
+    importer.add_argument("--json", action="store_true", help="machine-readable output")
+    importer.set_defaults(run=import_model)
+
+    deleter = sub.add_parser("delete", help="delete a model version")
+    deleter.add_argument("tag")
+    deleter.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    deleter.set_defaults(run=delete_model)
+
+
+def create_demo(args: argparse.Namespace) -> int:
+    from model_store.demo import build_tiny_pipeline
+
+    store = ModelStore()
+    existing = store.list_models(args.name)
+    if existing and not args.force:
+        print(f"{existing[-1].tag} already exists (use --force for a new version)")
+        return 0
+    pipeline = build_tiny_pipeline(seed=args.seed)
+    model = _store_call(
+        lambda: store.save_model(
+            args.name,
+            pipeline,
+            signatures=DEMO_SIGNATURES,
+            labels={"demo": "true"},
+            metadata={"seed": args.seed},
+        )
+    )
+    print(f"imported {model.tag} into {store.home}")
+    return 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    models = ModelStore().list_models()
+    if args.json:
+        print_json([_summary(m) for m in models])
+        return 0
+    if not models:
+        print("no models; try: diffusers-grpc models create-demo")
+        return 0
+    print(f"{'TAG':<48} {'PIPELINE':<32} {'SIGNATURES':<32} CREATED")
+    for m in models:
+        signatures = ",".join(m.signatures)
+        print(f"{m.tag:<48} {m.info.pipeline_class:<32} {signatures:<32} {m.info.created[:19]}")
+    return 0
+
+
+def get_model(args: argparse.Namespace) -> int:
+    model = _store_call(lambda: ModelStore().get(args.tag))
+    if args.json:
+        print_json(model.info.to_dict() | {"tag": model.tag, "path": str(model.path)})
+        return 0
+    print(f"tag:       {model.tag}\npath:      {model.path}\npipeline:  {model.info.pipeline_class}")
+    print(f"created:   {model.info.created}")
+    for sig in model.signatures.values():
+        print(f"signature: {sig.name} (task {sig.task}, batchable {sig.batchable}, batch_dim {sig.batch_dim})")
+    for key, value in model.info.labels.items():
+        print(f"label:     {key}={value}")
+    return 0
+
+
+def import_model(args: argparse.Namespace) -> int:
+    signatures = dict(parse_signature(s) for s in args.signature) or None
+    model = _store_call(
+        lambda: ModelStore().import_model(
+            args.name,
+            args.source,
+            signatures=signatures,
+            labels=_pairs(args.label, "--label"),
+            metadata=_pairs(args.metadata, "--metadata"),
+            pipeline_class=args.pipeline_class,
+            variant=args.variant,
+            revision=args.revision,
+            version=args.version,
+        )
+    )
+    if args.json:
+        print_json(_summary(model))
+    else:
+        print(f"imported {model.tag}")
+    return 0
+
+
+def delete_model(args: argparse.Namespace) -> int:
+    store = ModelStore()
+    model = _store_call(lambda: store.get(args.tag))
+    if not args.yes:
+        answer = input(f"delete {model.tag}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    _store_call(lambda: store.delete(model.tag))
+    print(f"deleted {model.tag}")
+    return 0
+
+
+def parse_signature(text: str) -> tuple[str, dict[str, Any]]:
+    """`METHOD[:batchable[:BATCH_DIM]]` -> (method, options)."""
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise CliError(f"--signature {text!r}: expected METHOD[:batchable[:BATCH_DIM]]")
+    options: dict[str, Any] = {"batchable": False}
+    if len(parts) >= 2:
+        if parts[1] not in ("batchable", "true", "false", ""):
+            raise CliError(f"--signature {text!r}: the second part must be 'batchable'")
+        options["batchable"] = parts[1] in ("batchable", "true")
+    if len(parts) == 3:
+        try:
+            options["batch_dim"] = int(parts[2])
+        except ValueError:
+            raise CliError(f"--signature {text!r}: BATCH_DIM must be an integer") from None
+    return parts[0], options
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    result = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise CliError(f"{flag} {value!r}: expected K=V")
+        result[key] = val
+    return result
+
+
+def _summary(model: Model) -> dict[str, Any]:
+    return {
+        "tag": model.tag,
+        "pipeline_class": model.info.pipeline_class,
+        "created": model.info.created,
+        "signatures": {name: sig.to_dict() for name, sig in model.signatures.items()},
+        "labels": dict(model.info.labels),
+    }
+
+
+def _store_call(action: Any) -> Any:
+    try:
+        return action()
+    except StoreError as exc:
+        raise CliError(str(exc)) from None

@@ -1,0 +1,86 @@
+"""`diffusers-grpc serve TAG...`: run the gRPC server. Every flag also reads DIFFUSERS_GRPC_<FLAG>."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from ..config import ConfigError, env_name, from_sources
+from .common import CliError
+
+# (flag, config field, type, help). Defaults live in ServerConfig; the help shows the variable.
+FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--host", "host", str, "TCP address to bind (default [::])"),
+    ("--port", "port", int, "TCP port (default 50051; 0 picks a free one)"),
+    ("--uds", "uds", str, "also listen on this Unix socket path"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:0,cuda:1 (default auto)"),
+    ("--workers-per-device", "workers_per_device", int, "pipeline replicas per device (default 1)"),
+    (
+        "--max-batch-size",
+        "max_batch_size",
+        int,
+        "most images in one pipeline call (default 8; 1 disables batching)",
+    ),
+    ("--max-wait-ms", "max_wait_ms", float, "longest a partial batch may wait for company (default 10)"),
+    ("--max-queue", "max_queue", int, "most queued images before RESOURCE_EXHAUSTED (default 256)"),
+    ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics on this port"),
+    ("--store", "store", str, "model store: a folder or s3://bucket/prefix (default $DIFFUSERS_GRPC_HOME)"),
+    ("--max-message-mb", "max_message_mb", int, "largest gRPC message in MiB, both directions (default 64)"),
+    ("--tls-cert", "tls_cert", str, "PEM certificate chain: serve TLS"),
+    ("--tls-key", "tls_key", str, "PEM private key for --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", str, "PEM CA bundle: require client certificates (mTLS)"),
+    (
+        "--auth-token",
+        "auth_token",
+        str,
+        "require 'authorization: Bearer TOKEN' on every RPC but health/reflection",
+    ),
+    ("--grace-seconds", "grace_seconds", float, "drain time on SIGTERM (default 30)"),
+    ("--log-format", "log_format", str, "text or json (default text)"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING... (default INFO)"),
+    ("--max-image-size", "max_image_size", int, "largest height/width a request may ask for (default 2048)"),
+    ("--max-steps", "max_steps", int, "most inference steps a request may ask for (default 150)"),
+    ("--max-images", "max_images", int, "most images per request (default 16)"),
+]
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve models over gRPC",
+        description="Serve stored models over gRPC. Each flag can also be set with the environment variable "
+        "shown; a flag given on the command line wins.",
+    )
+    parser.add_argument(
+        "tags",
+        nargs="*",
+        metavar="TAG",
+        help=f"models to serve, the first is the default (env {env_name('tags')})",
+    )
+    for flag, field, kind, text in FLAGS:
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{text} [env {env_name(field)}]")
+    parser.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        default=None,
+        help=f"disable server reflection [env {env_name('reflection')}=false]",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_store import ModelStore
+
+    from ..server import serve
+
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    flags["tags"] = tuple(args.tags) or None
+    try:
+        config = from_sources(flags)
+    except ConfigError as exc:
+        raise CliError(f"invalid configuration: {exc}", exit_code=2) from None
+    store = ModelStore(config.store) if config.store and not config.store.startswith("s3://") else None
+    asyncio.run(serve(config, store))
+    return 0

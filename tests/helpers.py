@@ -1,0 +1,85 @@
+"""Shared test helpers: free ports, a real server process, waiting for health, decoding images."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+READINESS = "diffusion.v1.DiffusionService"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def health_status(target: str, service: str = READINESS, timeout: float = 2.0) -> int | None:
+    """The health status, or None when the server cannot be reached."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+def wait_serving(target: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll readiness until SERVING (a probe does the same); fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        if health_status(target) == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{target} not SERVING after {timeout}s")
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service", *args]
+
+
+@contextlib.contextmanager
+def server_process(home: Path, args: Sequence[str] = (), env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real `diffusers-grpc serve` process on a free loopback port; yields its target once ready."""
+    port = free_port()
+    log = open(home / f"server-{port}.log", "wb")  # noqa: SIM115 (closed in finally, after the process)
+    process = subprocess.Popen(
+        cli("serve", "--host", "127.0.0.1", "--port", str(port), *args),
+        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home), **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, process=process)
+        yield target
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)

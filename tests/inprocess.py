@@ -1,0 +1,51 @@
+"""Run a DiffusionServer in-process on a loopback port, its asyncio loop on a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from model_store import ModelStore
+from service.config import ServerConfig
+from service.server import DiffusionServer
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, so blocking test code can drive async servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float | None = 120) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@contextlib.contextmanager
+def running_server(store: ModelStore, wait: bool = True, **config: Any) -> Iterator[tuple[DiffusionServer, str]]:
+    """Start a server over `store` (port 0 on 127.0.0.1); yields (server, target) and stops it after."""
+    loop = LoopThread()
+    factory = config.pop("factory", None)
+    cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "device": "cpu", **config})
+
+    async def build() -> DiffusionServer:
+        return DiffusionServer(cfg, store, factory) if factory else DiffusionServer(cfg, store)
+
+    server = loop.run(build())
+    port = loop.run(server.start())
+    try:
+        if wait:
+            loop.run(server.wait_ready(120))
+        server.loop_thread = loop  # type: ignore[attr-defined]
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        loop.run(server.stop(grace=1))
+        loop.close()

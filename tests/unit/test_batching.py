@@ -1,0 +1,165 @@
+"""The batching queue and executor with a fake pipeline that records its calls (no diffusers, no sleeps)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+
+from batching import BatchKey, BatchQueue, Executor, QueueFullError, WorkItem
+from batching.errors import DeadlineExceededError, InvalidInputError
+
+
+def key(model="m", steps=8, batchable=True):
+    return BatchKey.build(model, "__call__", {"num_inference_steps": steps}, batchable=batchable)
+
+
+def item(k, prompt="p", seed=0, deadline=None):
+    return WorkItem(k, {"prompt": prompt}, seed=seed, deadline=deadline)
+
+
+class FakeRunner:
+    """Records calls; can hold the first call behind an event, and fail on a poison prompt."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.calls: list[tuple[BatchKey, list[str]]] = []
+        self.gate = gate
+        self.started = threading.Event()
+
+    def warmup(self) -> None:
+        pass
+
+    def run_batch(self, key, items, on_step):
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        prompts = [i.inputs["prompt"] for i in items]
+        self.calls.append((key, prompts))
+        if "poison" in prompts:
+            raise ValueError("poison prompt")
+        return [f"image:{p}:{i.seed}" for p, i in zip(prompts, items)]
+
+
+def test_queue_takes_the_oldest_group_first_up_to_the_batch_size():
+    clock = iter(range(100)).__next__
+    queue = BatchQueue(100, clock=lambda: float(clock()))
+    a, b = key(steps=8), key(steps=4)
+    queue.put([item(a, "a1")])
+    queue.put([item(b, "b1"), item(b, "b2"), item(b, "b3")])
+    queue.put([item(a, "a2")])
+    first = queue.take(max_batch_size=2)
+    assert first.key == a and [i.inputs["prompt"] for i in first.items] == ["a1", "a2"]
+    second = queue.take(max_batch_size=2)
+    assert [i.inputs["prompt"] for i in second.items] == ["b1", "b2"]
+    assert [i.inputs["prompt"] for i in queue.take(max_batch_size=2).items] == ["b3"]
+
+
+def test_non_batchable_keys_run_one_item_per_call():
+    queue = BatchQueue(10)
+    k = key(batchable=False)
+    queue.put([item(k, "x"), item(k, "y")])
+    assert len(queue.take(8).items) == 1
+
+
+def test_full_queue_refuses_the_whole_request_at_once():
+    queue = BatchQueue(3)
+    queue.put([item(key()), item(key())])
+    with pytest.raises(QueueFullError, match="queue full"):
+        queue.put([item(key()), item(key())])
+    assert len(queue) == 2
+
+
+def test_expired_items_never_run_and_get_deadline_exceeded():
+    now = [10.0]
+    queue = BatchQueue(10, clock=lambda: now[0])
+    late = item(key(), "late", deadline=11.0)
+    on_time = item(key(), "ok", deadline=100.0)
+    queue.put([late, on_time])
+    now[0] = 12.0
+    batch = queue.take(8)
+    assert [i.inputs["prompt"] for i in batch.items] == ["ok"]
+    with pytest.raises(DeadlineExceededError):
+        late.future.result(0)
+
+
+def test_executor_batches_waiting_items_and_never_mixes_keys():
+    gate = threading.Event()
+    runner = FakeRunner(gate)
+    executor = Executor([("fake", lambda: runner)], max_batch_size=4)
+    executor.start()
+    executor.wait_ready(5)
+    first = item(key(steps=1), "first")
+    executor.submit([first])
+    assert runner.started.wait(5)  # the worker is now busy with `first`
+    a_items = [item(key(steps=8), f"a{i}", seed=i) for i in range(5)]
+    b_items = [item(key(steps=4), f"b{i}") for i in range(2)]
+    executor.submit(a_items[:3])
+    executor.submit(b_items)
+    executor.submit(a_items[3:])
+    assert not any(i.future.done() for i in a_items + b_items)
+    gate.set()
+    for i in [first, *a_items, *b_items]:
+        i.future.result(5)
+    executor.shutdown(5)
+    keys_and_prompts = [(k.kwargs()["num_inference_steps"], p) for k, p in runner.calls]
+    assert keys_and_prompts == [(1, ["first"]), (8, ["a0", "a1", "a2", "a3"]), (4, ["b0", "b1"]), (8, ["a4"])]
+    assert a_items[2].future.result() == "image:a2:2"
+
+
+def test_a_poison_item_fails_alone_and_its_batch_mates_succeed():
+    gate = threading.Event()
+    runner = FakeRunner(gate)
+    executor = Executor([("fake", lambda: runner)], max_batch_size=8)
+    executor.start()
+    executor.wait_ready(5)
+    blocker = item(key(steps=1), "blocker")
+    executor.submit([blocker])
+    assert runner.started.wait(5)
+    items = [item(key(), p) for p in ("ok1", "poison", "ok2")]
+    executor.submit(items)
+    gate.set()
+    assert items[0].future.result(5) == "image:ok1:0"
+    assert items[2].future.result(5) == "image:ok2:0"
+    with pytest.raises(InvalidInputError, match="poison"):
+        items[1].future.result(5)
+    executor.shutdown(5)
+
+
+def test_cancelled_items_never_run():
+    gate = threading.Event()
+    runner = FakeRunner(gate)
+    executor = Executor([("fake", lambda: runner)], max_batch_size=8)
+    executor.start()
+    executor.wait_ready(5)
+    executor.submit([item(key(steps=1), "blocker")])
+    assert runner.started.wait(5)
+    keep, drop = item(key(), "keep"), item(key(), "drop")
+    executor.submit([keep, drop])
+    drop.cancel()
+    gate.set()
+    assert keep.future.result(5) == "image:keep:0"
+    executor.shutdown(5)
+    assert all("drop" not in prompts for _, prompts in runner.calls)
+    assert drop.future.cancelled()
+
+
+def test_a_failed_worker_start_is_reported():
+    def broken():
+        raise RuntimeError("no such device")
+
+    executor = Executor([("broken", broken)])
+    executor.start()
+    with pytest.raises(RuntimeError, match="failed to start"):
+        executor.wait_ready(5)
+    assert not executor.healthy
+
+
+def test_future_helpers_ignore_done_futures():
+    from batching.items import set_exception, set_result
+
+    future: Future[str] = Future()
+    future.cancel()
+    set_result(future, "x")
+    set_exception(future, RuntimeError())
+    assert future.cancelled()
