@@ -13,7 +13,7 @@ from .errors import (
     WorkerUnavailableError,
 )
 from .executor import BatchReport, BatchRunner, Executor, StepHook
-from .items import BatchKey, WorkItem
+from .items import BatchKey, StepEvent, WorkItem
 from .queue import BatchQueue
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ItemCancelledError",
     "OutOfMemoryError",
     "QueueFullError",
+    "StepEvent",
     "StepHook",
     "WorkItem",
     "WorkerUnavailableError",

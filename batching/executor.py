@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import InvalidInputError, ItemCancelledError, WorkerUnavailableError
-from .items import BatchKey, WorkItem, set_exception, set_result
+from .items import BatchKey, StepEvent, WorkItem, set_exception, set_result
 from .queue import Batch, BatchQueue, Clock
 
 log = logging.getLogger(__name__)
 
-StepHook = Callable[[int, int], bool]
-"""Called by a runner after each step with (step, total); returns False when the call should be interrupted."""
+StepHook = Callable[[int, int, Any], bool]
+"""Called by a runner after each step with (step, total, batch latents or None); returns False to interrupt."""
 
 
 class BatchRunner(Protocol):
@@ -181,11 +181,14 @@ class Executor:
                 set_result(item.future, result)
 
     def _step_hook(self, items: Sequence[WorkItem], started: float) -> StepHook:
-        def on_step(step: int, total: int) -> bool:
-            for item in items:
+        def on_step(step: int, total: int, latents: Any = None) -> bool:
+            per_item = latents is not None and getattr(latents, "shape", (0,))[0] == len(items)
+            elapsed = self._clock() - started
+            for index, item in enumerate(items):
                 if item.on_progress is not None and not item.cancel_requested:
+                    event = StepEvent(step, total, elapsed, latents[index] if per_item else None)
                     try:
-                        item.on_progress(step, total)
+                        item.on_progress(event)
                     except Exception:
                         log.exception("progress callback failed")
             return not all(item.cancel_requested for item in items)

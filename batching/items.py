@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-ProgressCallback = Callable[[int, int], None]
-"""Called from a worker thread after each denoising step with (step, total_steps)."""
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one item, reported from the worker thread after each denoising step."""
+
+    step: int  # 1-based
+    total: int
+    elapsed: float  # seconds since the item's call started (queue time excluded)
+    latents: Any = None  # this item's latents after the step, when the pipeline exposes them; read, never keep
+
+
+ProgressCallback = Callable[[StepEvent], None]
+"""Called from a worker thread: must be quick and must not keep `latents` (they change at the next step)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,23 @@ class BatchKey:
         )
 
     def kwargs(self) -> dict[str, Any]:
-        return dict(self.params)
+        """The call arguments, with `Frozen` values turned back into lists and dicts."""
+        return {name: value.value if isinstance(value, Frozen) else value for name, value in self.params}
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A JSON-like list or dict held hashably (as canonical JSON) inside a batch key."""
+
+    text: str
+
+    @classmethod
+    def of(cls, value: Any) -> Frozen:
+        return cls(json.dumps(value, sort_keys=True, separators=(",", ":")))
+
+    @property
+    def value(self) -> Any:
+        return json.loads(self.text)
 
 
 @dataclass(frozen=True, eq=False)

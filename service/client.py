@@ -1,25 +1,87 @@
-"""A small Python client for DiffusionService, over a channel configured like the server (64 MiB messages)."""
+"""A small Python client for DiffusionService, over a channel configured like the server (64 MiB messages).
+
+with DiffusionClient("localhost:50051") as client:
+    reply = client.text_to_image("a fox", seed=7, steps=20)
+    open("fox.png", "wb").write(reply.images[0].image.data)
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from types import TracebackType
+from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_MB = 64
+FORMATS = {
+    "png": pb.OUTPUT_FORMAT_PNG,
+    "jpeg": pb.OUTPUT_FORMAT_JPEG,
+    "jpg": pb.OUTPUT_FORMAT_JPEG,
+    "webp": pb.OUTPUT_FORMAT_WEBP,
+}
+
+
+def params(
+    *,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int = 1,
+    scheduler: str = "",
+    eta: float | None = None,
+    output_format: str | int = "png",
+    quality: int | None = None,
+) -> pb.GenerationParams:
+    """GenerationParams with only the given fields set (absent ones mean the model's default)."""
+    fmt = FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format
+    message = pb.GenerationParams(num_images=num_images, scheduler=scheduler, output_format=fmt)  # type: ignore[arg-type]
+    optional = {
+        "seed": seed,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "width": width,
+        "height": height,
+        "eta": eta,
+        "quality": quality,
+    }
+    for name, value in optional.items():
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def image(data: bytes, mime_type: str = "") -> pb.Image:
+    """An input image from encoded bytes (PNG, JPEG or WebP; the server sniffs the type when not given)."""
+    return pb.Image(data=data, mime_type=mime_type)
 
 
 class DiffusionClient:
-    """Blocking client. Use as a context manager, or call `close()`."""
+    """Blocking client. Use as a context manager, or call `close()`. Keyword arguments of the task methods are
+    those of `params()`; `metadata` and `timeout` go to every call."""
 
-    def __init__(self, target: str, *, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         size = max_message_mb * 1024 * 1024
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
-        self.channel = grpc.insecure_channel(target, options=options)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.DiffusionServiceStub(self.channel)
+        self.metadata = list((metadata or {}).items())
 
     def __enter__(self) -> DiffusionClient:
         return self
@@ -31,32 +93,136 @@ class DiffusionClient:
         self.channel.close()
 
     def text_to_image(
+        self, prompt: str, *, model: str = "", negative_prompt: str = "", timeout: float | None = None, **kw: Any
+    ) -> pb.TextToImageResponse:
+        request = pb.TextToImageRequest(
+            model=model, prompt=prompt, negative_prompt=negative_prompt, params=params(**kw)
+        )
+        return self.stub.TextToImage(request, timeout=timeout, metadata=self.metadata)
+
+    def image_to_image(
         self,
         prompt: str,
+        init_image: bytes,
         *,
         model: str = "",
         negative_prompt: str = "",
-        seed: int | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int = 1,
-        output_format: int = pb.OUTPUT_FORMAT_PNG,
+        strength: float | None = None,
         timeout: float | None = None,
-    ) -> pb.TextToImageResponse:
-        params = pb.GenerationParams(num_images=num_images, output_format=output_format)  # type: ignore[arg-type]
-        for name, value in (
-            ("seed", seed),
-            ("num_inference_steps", steps),
-            ("guidance_scale", guidance_scale),
-            ("width", width),
-            ("height", height),
-        ):
-            if value is not None:
-                setattr(params, name, value)
-        request = pb.TextToImageRequest(model=model, prompt=prompt, negative_prompt=negative_prompt, params=params)
-        return self.stub.TextToImage(request, timeout=timeout)
+        **kw: Any,
+    ) -> pb.ImageToImageResponse:
+        return self.stub.ImageToImage(
+            self.image_to_image_request(
+                prompt, init_image, model=model, negative_prompt=negative_prompt, strength=strength, **kw
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+
+    def inpaint(
+        self,
+        prompt: str,
+        init_image: bytes,
+        mask: bytes,
+        *,
+        model: str = "",
+        negative_prompt: str = "",
+        strength: float | None = None,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> pb.InpaintResponse:
+        return self.stub.Inpaint(
+            self.inpaint_request(
+                prompt, init_image, mask, model=model, negative_prompt=negative_prompt, strength=strength, **kw
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+
+    def call(
+        self,
+        signature: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        images: Mapping[str, bytes] | None = None,
+        model: str = "",
+        seed: int | None = None,
+        output_format: str = "png",
+        timeout: float | None = None,
+    ) -> pb.CallResponse:
+        struct = struct_pb2.Struct()
+        struct.update(dict(arguments or {}))
+        request = pb.CallRequest(
+            model=model,
+            signature=signature,
+            arguments=struct,
+            images={name: image(data) for name, data in (images or {}).items()},
+            output_format=FORMATS[output_format],  # type: ignore[arg-type]
+        )
+        if seed is not None:
+            request.seed = seed
+        return self.stub.Call(request, timeout=timeout, metadata=self.metadata)
+
+    def stream(
+        self,
+        request: pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest | pb.CallRequest,
+        *,
+        preview_every: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[pb.StreamResponse]:
+        """Progress events, then the result, for any of the four request kinds."""
+        field = {
+            pb.TextToImageRequest: "text_to_image",
+            pb.ImageToImageRequest: "image_to_image",
+            pb.InpaintRequest: "inpaint",
+            pb.CallRequest: "call",
+        }[type(request)]
+        wrapped = pb.StreamRequest(preview_every=preview_every)
+        getattr(wrapped, field).CopyFrom(request)
+        return self.stub.Stream(wrapped, timeout=timeout, metadata=self.metadata)  # type: ignore[no-any-return]
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout)
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata)
+
+    def get_model(self, model: str = "", timeout: float | None = None) -> pb.GetModelResponse:
+        return self.stub.GetModel(pb.GetModelRequest(model=model), timeout=timeout, metadata=self.metadata)
+
+    @staticmethod
+    def image_to_image_request(
+        prompt: str,
+        init_image: bytes,
+        *,
+        model: str = "",
+        negative_prompt: str = "",
+        strength: float | None = None,
+        **kw: Any,
+    ) -> pb.ImageToImageRequest:
+        request = pb.ImageToImageRequest(
+            model=model, prompt=prompt, negative_prompt=negative_prompt, params=params(**kw), image=image(init_image)
+        )
+        if strength is not None:
+            request.strength = strength
+        return request
+
+    @staticmethod
+    def inpaint_request(
+        prompt: str,
+        init_image: bytes,
+        mask: bytes,
+        *,
+        model: str = "",
+        negative_prompt: str = "",
+        strength: float | None = None,
+        **kw: Any,
+    ) -> pb.InpaintRequest:
+        request = pb.InpaintRequest(
+            model=model,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            params=params(**kw),
+            image=image(init_image),
+            mask_image=image(mask),
+        )
+        if strength is not None:
+            request.strength = strength
+        return request

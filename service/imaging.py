@@ -13,6 +13,7 @@ _PIL_FORMATS = {PNG: "PNG", JPEG: "JPEG", WEBP: "WEBP"}
 # zlib level 1: ~2x faster than Pillow's default 6 on 512x512 outputs for a few % more bytes (FACTS.md).
 PNG_COMPRESS_LEVEL = 1
 DEFAULT_QUALITY = 90
+RESAMPLE = Image.Resampling.LANCZOS
 
 
 @dataclass(frozen=True)

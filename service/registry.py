@@ -1,25 +1,34 @@
-"""The models this server serves: tag resolution and which signature each typed RPC runs."""
+"""The models this server serves: tag resolution, which signature each typed RPC runs, and what a request may
+pass to a signature (its Python parameters, its tokenizer's length)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from model_store import Model, Signature, Tag
 from model_store.model import PipelineDefaults, read_pipeline_defaults
-from model_store.signatures import TEXT2IMG
+from model_store.signatures import IMG2IMG, INPAINT, TEXT2IMG
 
 from .errors import NotFound, Unimplemented
+
+log = logging.getLogger(__name__)
+_RPC_OF_TASK = {TEXT2IMG: "TextToImage", IMG2IMG: "ImageToImage", INPAINT: "Inpaint"}
 
 
 @dataclass(frozen=True)
 class ServedModel:
     model: Model
     defaults: PipelineDefaults
+    tokenizer: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: Model) -> ServedModel:
-        return cls(model, read_pipeline_defaults(model.path))
+        return cls(model, read_pipeline_defaults(model.path), _load_tokenizer(model))
 
     @property
     def tag(self) -> str:
@@ -36,8 +45,63 @@ class ServedModel:
             if signature.task == task:
                 return signature
         names = ", ".join(sorted(signatures))
-        rpc = {TEXT2IMG: "TextToImage", "img2img": "ImageToImage", "inpaint": "Inpaint"}.get(task, task)
+        rpc = _RPC_OF_TASK.get(task, task)
         raise Unimplemented(f"model {self.tag} serves no {task} signature for {rpc}; its signatures: {names}")
+
+    def parameters(self, signature: str) -> Mapping[str, inspect.Parameter] | None:
+        """The keyword parameters of a signature's method, or None when they cannot be known before loading."""
+        return _parameters(self.model.info.pipeline_class, signature, self.model.signatures[signature].task)
+
+    def prompt_warnings(self, *prompts: str) -> tuple[str, ...]:
+        """Say when a prompt is longer than the text encoder reads (diffusers truncates it silently)."""
+        if self.tokenizer is None:
+            return ()
+        limit = int(self.tokenizer.model_max_length)
+        warnings = []
+        for name, prompt in zip(("prompt", "negative_prompt"), prompts):
+            if prompt and (count := len(self.tokenizer(prompt, truncation=False).input_ids)) > limit:
+                warnings.append(f"{name} is {count} tokens; the text encoder reads the first {limit}, ignores the rest")
+        return tuple(warnings)
+
+
+def _load_tokenizer(model: Model) -> Any:
+    folder = model.path / "tokenizer"
+    if not folder.is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a model without a usable tokenizer still serves; it just gets no warnings
+        log.warning("%s: cannot load the tokenizer for prompt checks: %s", model.tag, exc)
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(class_name: str, method: str, task: str) -> Mapping[str, inspect.Parameter] | None:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        return None
+    function = getattr(cls, method, None)
+    if function is None and task in (IMG2IMG, INPAINT, TEXT2IMG):
+        try:
+            from diffusers.pipelines import auto_pipeline
+
+            mapping = {
+                TEXT2IMG: auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+                IMG2IMG: auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+                INPAINT: auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+            }[task]
+            function = auto_pipeline._get_task_class(mapping, class_name).__call__
+        except Exception:
+            return None
+    if function is None:
+        return None
+    params = inspect.signature(function).parameters
+    # Only named parameters: diffusers' `**kwargs` catch deprecated callbacks, never a client's arguments.
+    return {name: p for name, p in params.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 class ModelRegistry:

@@ -9,46 +9,50 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from batching import Executor
-from batching.diffusers_runner import ItemOutput
+from batching import Executor, StepEvent, WorkItem
+from batching.items import ProgressCallback
 
-from . import imaging
-from .errors import Unavailable, Unimplemented, status_for
+from . import outputs, validation
+from .errors import FieldViolation, InvalidArgument, Unavailable, status_for
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 from .generation import Generation
 from .registry import ModelRegistry, ServedModel
-from .validation import Limits, text_to_image
+from .validation import Limits
 
 log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Turn any exception a handler raises into its gRPC status, in one place."""
+    """Turn any exception a unary handler raises into its gRPC status, in one place."""
 
     @functools.wraps(method)
-    async def wrapper(self: DiffusionServicer, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(self: DiffusionServicer, request: Request, context: Context) -> Response:
         try:
-            if not self.accepting:
-                raise Unavailable("the server is not ready or is shutting down")
+            self.check_accepting()
             return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            status = status_for(exc)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort(context, exc)
             raise  # unreachable: abort raises
 
     return wrapper
+
+
+async def abort(context: Context, exc: BaseException) -> None:
+    status = status_for(exc)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
@@ -62,72 +66,144 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     def close(self) -> None:
         self._encoder.shutdown(wait=False)
 
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise Unavailable("the server is not ready or is shutting down")
+
+    # --- typed tasks -----------------------------------------------------------------------------------------
+
     @rpc
-    async def TextToImage(
-        self, request: pb.TextToImageRequest, context: grpc.aio.ServicerContext
+    async def TextToImage(self, request: pb.TextToImageRequest, context: Context) -> pb.TextToImageResponse:
+        return await self._text_to_image(request, context, None)
+
+    @rpc
+    async def ImageToImage(self, request: pb.ImageToImageRequest, context: Context) -> pb.ImageToImageResponse:
+        return await self._image_to_image(request, context, None)
+
+    @rpc
+    async def Inpaint(self, request: pb.InpaintRequest, context: Context) -> pb.InpaintResponse:
+        return await self._inpaint(request, context, None)
+
+    @rpc
+    async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
+        return await self._call(request, context, None)
+
+    async def _text_to_image(
+        self, request: pb.TextToImageRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.TextToImageResponse:
-        generation = text_to_image(request, self.registry, self.limits)
-        images = await self._generate(generation, context)
-        return pb.TextToImageResponse(model=generation.served.tag, images=images, warnings=generation.warnings)
+        job = validation.text_to_image(request, self.registry, self.limits)
+        images = await self._generate(job, context, on_progress)
+        return pb.TextToImageResponse(model=job.served.tag, images=images, warnings=job.warnings)
 
-    # Declared in the proto; served by the Full API issue. Until then they answer UNIMPLEMENTED, as gRPC would.
-    @rpc
-    async def ImageToImage(self, request: pb.ImageToImageRequest, context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("ImageToImage is not served by this version")
+    async def _image_to_image(
+        self, request: pb.ImageToImageRequest, context: Context, on_progress: ProgressCallback | None
+    ) -> pb.ImageToImageResponse:
+        job = validation.image_to_image(request, self.registry, self.limits)
+        images = await self._generate(job, context, on_progress)
+        return pb.ImageToImageResponse(model=job.served.tag, images=images, warnings=job.warnings)
 
-    @rpc
-    async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("Inpaint is not served by this version")
+    async def _inpaint(
+        self, request: pb.InpaintRequest, context: Context, on_progress: ProgressCallback | None
+    ) -> pb.InpaintResponse:
+        job = validation.inpaint(request, self.registry, self.limits)
+        images = await self._generate(job, context, on_progress)
+        return pb.InpaintResponse(model=job.served.tag, images=images, warnings=job.warnings)
 
-    @rpc
-    async def Call(self, request: pb.CallRequest, context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("Call is not served by this version")
+    async def _call(
+        self, request: pb.CallRequest, context: Context, on_progress: ProgressCallback | None
+    ) -> pb.CallResponse:
+        job = validation.call(request, self.registry, self.limits)
+        (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
+        return await self._encode(outputs.call_response, job, result)
 
-    async def Stream(self, request: pb.StreamRequest, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[override]
-        status = status_for(Unimplemented("Stream is not served by this version"))
-        await context.abort(status.code, status.details, status.trailing_metadata)
+    async def _generate(
+        self, job: Generation, context: Context, on_progress: ProgressCallback | None
+    ) -> list[pb.GeneratedImage]:
+        results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
+        return await self._encode(outputs.generated_images, job, results)
 
-    @rpc
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(served) for served in self.registry.models])
-
-    @rpc
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=model_info(self.registry.resolve(request.model)))
-
-    async def _generate(self, generation: Generation, context: grpc.aio.ServicerContext) -> list[pb.GeneratedImage]:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        items = generation.work_items(deadline)
+    async def _submit_and_wait(self, items: Sequence[WorkItem]) -> list[Any]:
         self.executor.submit(items)
         try:
-            outputs = await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items))
+            return list(await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items)))
         finally:
             for item in items:  # the client went away or a sibling failed: drop what has not run
                 if not item.future.done():
                     item.cancel()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._encoder, encode_outputs, generation, outputs)
+
+    async def _encode(self, convert: Callable[..., Response], *args: Any) -> Response:
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, convert, *args)
+
+    # --- streaming -------------------------------------------------------------------------------------------
+
+    async def Stream(self, request: pb.StreamRequest, context: Context) -> AsyncIterator[pb.StreamResponse]:
+        """Progress events from the worker (first image of the request), then the result."""
+        try:
+            self.check_accepting()
+            kind = request.WhichOneof("request")
+            if kind is None:
+                raise InvalidArgument.of(
+                    [FieldViolation("request", "set one of text_to_image, image_to_image, inpaint, call")]
+                )
+            handlers: dict[str, Callable[..., Awaitable[Any]]] = {
+                "text_to_image": self._text_to_image,
+                "image_to_image": self._image_to_image,
+                "inpaint": self._inpaint,
+                "call": self._call,
+            }
+            handler = handlers[kind]
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue[pb.StreamResponse] = asyncio.Queue()
+            on_progress = _progress_sender(loop, events, request.preview_every)
+            task: asyncio.Task[Any] = asyncio.ensure_future(handler(getattr(request, kind), context, on_progress))
+            try:
+                while not task.done():
+                    getter = asyncio.ensure_future(events.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                    else:
+                        getter.cancel()
+                while not events.empty():  # progress sent before the result was set, still queued
+                    yield events.get_nowait()
+                yield pb.StreamResponse(**{kind: task.result()})
+            finally:
+                task.cancel()
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    # --- discovery -------------------------------------------------------------------------------------------
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(served) for served in self.registry.models])
+
+    @rpc
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=model_info(self.registry.resolve(request.model)))
 
 
-def encode_outputs(generation: Generation, outputs: Sequence[ItemOutput]) -> list[pb.GeneratedImage]:
-    images = []
-    for seed, output in zip(generation.seeds(), outputs):
-        encoded = imaging.encode(
-            output.image, generation.mime_type, quality=generation.quality, text=generation.describe(seed)
-        )
-        images.append(
-            pb.GeneratedImage(
-                image=pb.Image(
-                    data=encoded.data, mime_type=encoded.mime_type, width=encoded.width, height=encoded.height
-                ),
-                seed=seed,
-                nsfw_content_detected=output.nsfw,
-            )
-        )
-    return images
+def _deadline(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
+
+
+def _progress_sender(
+    loop: asyncio.AbstractEventLoop, events: asyncio.Queue[pb.StreamResponse], preview_every: int
+) -> ProgressCallback:
+    """A progress callback for the worker thread: builds the event (and preview) there, hands it to the loop."""
+
+    def send(event: StepEvent) -> None:
+        progress = pb.Progress(step=event.step, total_steps=event.total, elapsed_seconds=event.elapsed)
+        if preview_every and (event.step % preview_every == 0 or event.step == event.total):
+            preview = outputs.latent_preview(event.latents)
+            if preview is not None:
+                progress.preview.CopyFrom(preview)
+        loop.call_soon_threadsafe(events.put_nowait, pb.StreamResponse(progress=progress))
+
+    return send
 
 
 def model_info(served: ServedModel) -> pb.ModelInfo:

@@ -1,8 +1,13 @@
-"""`diffusers-grpc generate PROMPT`: ask a running server for images and write them to files."""
+"""`diffusers-grpc generate PROMPT`: ask a running server for images and write them to files.
+
+No `--image`: TextToImage. `--image`: ImageToImage. `--image` and `--mask`: Inpaint. `--progress` runs the same
+request through Stream and draws a progress bar.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +20,25 @@ def register(commands: Any) -> None:
     parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
     parser.add_argument("--model", default="", help="model tag (default: the server's default model)")
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--image", type=Path, help="input image: image-to-image (with --mask: inpainting)")
+    parser.add_argument("--mask", type=Path, help="inpainting mask: white is repainted (needs --image)")
+    parser.add_argument("--strength", type=float, help="how much to change the input image, 0-1")
     parser.add_argument("--seed", type=int, help="seed of the first image (default: the server picks)")
     parser.add_argument("--steps", type=int, help="inference steps")
     parser.add_argument("--guidance", type=float, help="guidance scale")
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--scheduler", default="", help="a scheduler class name listed by the server's GetModel")
+    parser.add_argument("--format", default="png", choices=("png", "jpeg", "webp"), help="output format")
+    parser.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100")
+    parser.add_argument("--progress", action="store_true", help="stream step progress and draw a progress bar")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
     parser.add_argument(
-        "-o", "--output", default="out.png", help="output file; with several images, -1, -2... are appended"
+        "-o",
+        "--output",
+        default=None,
+        help="output file (default out.<format>); with several images -1, -2... are appended",
     )
     parser.set_defaults(run=run)
 
@@ -31,30 +46,85 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..client import DiffusionClient
+    from ..client import DiffusionClient, params
+    from ..generated.diffusion.v1 import diffusion_pb2 as pb
 
+    if args.mask and not args.image:
+        raise CliError("--mask needs --image")
+    settings = params(
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        output_format=args.format,
+        quality=args.quality,
+    )
+    common = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "params": settings}
+    request: Any
+    if args.image is None:
+        request = pb.TextToImageRequest(**common)
+    elif args.mask is None:
+        request = pb.ImageToImageRequest(**common, image=pb.Image(data=_read(args.image)))
+    else:
+        request = pb.InpaintRequest(
+            **common, image=pb.Image(data=_read(args.image)), mask_image=pb.Image(data=_read(args.mask))
+        )
+    if args.strength is not None:
+        if args.image is None:
+            raise CliError("--strength needs --image")
+        request.strength = args.strength
+    method = {
+        pb.TextToImageRequest: "TextToImage",
+        pb.ImageToImageRequest: "ImageToImage",
+        pb.InpaintRequest: "Inpaint",
+    }[type(request)]
     with DiffusionClient(args.target) as client:
         try:
-            response = client.text_to_image(
-                args.prompt,
-                model=args.model,
-                negative_prompt=args.negative_prompt,
-                seed=args.seed,
-                steps=args.steps,
-                guidance_scale=args.guidance,
-                width=args.width,
-                height=args.height,
-                num_images=args.num_images,
-                timeout=args.timeout,
-            )
+            if args.progress:
+                response = _stream_with_bar(client, request, args.timeout)
+            else:
+                response = getattr(client.stub, method)(request, timeout=args.timeout)
         except grpc.RpcError as exc:
             raise CliError(f"{exc.code().name}: {exc.details()}") from None
-    for path, image in zip(output_paths(args.output, len(response.images)), response.images):
-        path.write_bytes(image.image.data)
-        print(f"wrote {path} ({image.image.width}x{image.image.height}, seed {image.seed}, model {response.model})")
+    output = args.output or f"out.{'jpg' if args.format == 'jpeg' else args.format}"
+    for path, generated in zip(output_paths(output, len(response.images)), response.images):
+        path.write_bytes(generated.image.data)
+        size = f"{generated.image.width}x{generated.image.height}"
+        print(f"wrote {path} ({size}, seed {generated.seed}, model {response.model})")
     for warning in response.warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def _stream_with_bar(client: Any, request: Any, timeout: float) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
+    result = None
+    try:
+        for event in client.stream(request, timeout=timeout):
+            kind = event.WhichOneof("event")
+            if kind == "progress":
+                bar.total = event.progress.total_steps
+                bar.n = event.progress.step
+                bar.refresh()
+            else:
+                result = getattr(event, kind)
+    finally:
+        bar.close()
+    if result is None:
+        raise CliError("the stream ended without a result")
+    return result
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def output_paths(output: str, count: int) -> list[Path]:
