@@ -66,8 +66,11 @@ class DiffusersBatchRunner:
         kwargs = key.kwargs()
         scheduler_name = kwargs.pop(SCHEDULER_PARAM, None)
         self._use_scheduler(signature.pipeline, scheduler_name)
-        for name in items[0].inputs:
-            kwargs[name] = stack([item.inputs[name] for item in items], key.batch_dim)
+        if key.batchable:
+            for name in items[0].inputs:
+                kwargs[name] = stack([item.inputs[name] for item in items], key.batch_dim)
+        else:  # one item per call: its arguments go as they are, not as a batch of one
+            kwargs.update(items[0].inputs)
         params = _parameters(signature.function)
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         if "generator" in params or accepts_any:
@@ -76,7 +79,7 @@ class DiffusersBatchRunner:
             # make several images from it).
             generators = [torch.Generator("cpu").manual_seed(item.seed % 2**64) for item in items]
             kwargs["generator"] = generators[0] if is_call and len(items) == 1 else generators
-        if "callback_on_step_end" in params:
+        if "callback_on_step_end" in params or accepts_any:
             kwargs["callback_on_step_end"] = _step_callback(on_step)
         with torch.inference_mode(), self._stream_context():
             if is_call:

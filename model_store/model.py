@@ -80,9 +80,16 @@ class LoadOptions:
 
     device: str | None = None
     torch_dtype: str | None = None  # "float32", "float16", "bfloat16", "float64"
-    scheduler: str | None = None  # a diffusers scheduler class name, built with from_config
-    pipeline_class: str | None = None
+    scheduler: str | type | None = None  # a diffusers scheduler class (or its name), built with from_config
+    pipeline_class: str | type | None = None  # a class, a diffusers class name, or a dotted "module.Class"
+    custom_pipeline: str | None = None  # a local .py file; needs trust_remote_code
+    trust_remote_code: bool = False
     variant: str | None = None
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False  # accelerate's model CPU offload (needs a CUDA device)
+    allow_pickle: bool = False  # load .bin/.ckpt weights too; safetensors only otherwise
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,40 @@ class Model:
 
     def with_options(self, **options: Any) -> Model:
         """A copy of this model that loads with the given options (see LoadOptions)."""
-        return dataclasses.replace(self, options=dataclasses.replace(self.options, **options))
+        from .custom import require_trust
+
+        known = {f.name for f in dataclasses.fields(LoadOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise StoreError(f"unknown load option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        merged = dataclasses.replace(self.options, **options)
+        require_trust(merged.custom_pipeline, merged.trust_remote_code)
+        return dataclasses.replace(self, options=merged)
+
+    def pipeline_type(self) -> type:
+        """The pipeline class this model loads as (custom code is imported only when trusted)."""
+        import importlib
+
+        import diffusers
+
+        from .custom import load_class, require_trust, source_file
+
+        opts = self.options
+        if opts.custom_pipeline:
+            require_trust(opts.custom_pipeline, opts.trust_remote_code)
+            return load_class(source_file(opts.custom_pipeline))
+        if isinstance(opts.pipeline_class, type):
+            return opts.pipeline_class
+        if opts.pipeline_class and "." in opts.pipeline_class:
+            module, _, name = opts.pipeline_class.rpartition(".")
+            return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+        stored = self.info.options
+        if stored.get("custom_pipeline"):
+            # Trust was given, and recorded, when this model was imported with its code.
+            require_trust(stored["custom_pipeline"], bool(stored.get("trust_remote_code")))
+            return load_class(self.path / str(stored["custom_pipeline"]), self.info.pipeline_class)
+        name = opts.pipeline_class or self.info.pipeline_class
+        return getattr(diffusers, name, None) or diffusers.DiffusionPipeline  # type: ignore[no-any-return]
 
     def check_files(self, *, full: bool) -> None:
         """Check every recorded file exists with its size; `full` also re-hashes it (slow for big models)."""
@@ -145,9 +185,9 @@ class Model:
 
         os.environ.setdefault("DIFFUSERS_DISABLE_REMOTE_CODE", "1")  # never fetch code while loading
         opts = self.options
-        class_name = opts.pipeline_class or self.info.pipeline_class
-        pipeline_cls = getattr(diffusers, class_name.rsplit(".", 1)[-1], None) or diffusers.DiffusionPipeline
-        kwargs: dict[str, Any] = {"use_safetensors": True}
+        pipeline_cls: Any = self.pipeline_type()
+        # safetensors only, unless the user opted in to pickled weights
+        kwargs: dict[str, Any] = {} if opts.allow_pickle else {"use_safetensors": True}
         if opts.torch_dtype:
             kwargs["torch_dtype"] = getattr(torch, opts.torch_dtype)
         variant = opts.variant or self.info.options.get("variant")
@@ -155,9 +195,21 @@ class Model:
             kwargs["variant"] = variant
         pipeline = pipeline_cls.from_pretrained(self.path, **kwargs)
         if opts.scheduler:
-            scheduler_cls = getattr(diffusers, opts.scheduler)
+            scheduler_cls: Any = (
+                opts.scheduler if isinstance(opts.scheduler, type) else getattr(diffusers, opts.scheduler)
+            )
             pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
-        pipeline.to(device or opts.device or "cpu")
+        target = device or opts.device or "cpu"
+        if opts.cpu_offload and target.startswith("cuda"):
+            pipeline.enable_model_cpu_offload(device=target)
+        else:
+            pipeline.to(target)
+        if opts.attention_slicing:
+            pipeline.enable_attention_slicing()
+        if opts.vae_slicing:
+            pipeline.vae.enable_slicing()
+        if opts.vae_tiling:
+            pipeline.vae.enable_tiling()
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 

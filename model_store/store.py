@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
+from .custom import STORED_NAME as CUSTOM_FILE
+from .custom import load_class, require_trust, source_file
 from .errors import ModelExistsError, ModelNotFoundError, StoreError
 from .files import atomic_write_text, copy_tree, fsync_dir, fsync_tree, list_files, sha256_file
 from .model import MODEL_FILE, Model, ModelInfo
@@ -108,20 +110,32 @@ class ModelStore:
         variant: str | None = None,
         revision: str | None = None,
         version: str | None = None,
+        custom_pipeline: str | os.PathLike[str] | None = None,
+        trust_remote_code: bool = False,
     ) -> Model:
-        """Copy a diffusers pipeline folder (or a hub id, resolved through the local HF cache) into the store."""
+        """Copy a diffusers pipeline folder (or a hub id, resolved through the local HF cache) into the store.
+
+        `custom_pipeline` is a local .py file (or folder with pipeline.py) whose DiffusionPipeline subclass
+        replaces the folder's class; it is copied into the model and needs `trust_remote_code=True`.
+        """
         from .sources import resolve_source
 
         validate_part(name, "model name")
+        require_trust(custom_pipeline, trust_remote_code)
         folder = resolve_source(source, revision=revision, variant=variant)
-        class_name = _class_name(folder, pipeline_class)
+        custom_file = source_file(custom_pipeline) if custom_pipeline is not None else None
+        custom_class = load_class(custom_file) if custom_file else None
+        class_name = custom_class.__name__ if custom_class else _class_name(folder, pipeline_class)
 
         def fill(target: Path) -> None:
             copy_tree(folder, target)
+            if custom_file is not None:
+                shutil.copyfile(custom_file, target / CUSTOM_FILE)
 
-        return self._publish(
-            name, fill, class_name, signatures, labels, metadata, version, options={"variant": variant}
-        )
+        options: dict[str, Any] = {"variant": variant}
+        if custom_file is not None:
+            options.update(custom_pipeline=CUSTOM_FILE, trust_remote_code=True)
+        return self._publish(name, fill, class_name, signatures, labels, metadata, version, options, custom_class)
 
     def save_model(
         self,
@@ -139,7 +153,9 @@ class ModelStore:
         def fill(target: Path) -> None:
             pipeline.save_pretrained(target, safe_serialization=True)
 
-        return self._publish(name, fill, type(pipeline).__name__, signatures, labels, metadata, version, {})
+        return self._publish(
+            name, fill, type(pipeline).__name__, signatures, labels, metadata, version, {}, type(pipeline)
+        )
 
     def _publish(
         self,
@@ -151,11 +167,12 @@ class ModelStore:
         metadata: Mapping[str, Any] | None,
         version: str | None,
         options: Mapping[str, Any],
+        pipeline_cls: type | None = None,
     ) -> Model:
         import diffusers
         import torch
 
-        pipeline_cls = getattr(diffusers, class_name, None)
+        pipeline_cls = pipeline_cls or getattr(diffusers, class_name, None)
         parsed = parse_signatures(signatures, pipeline_cls, class_name)
         version = validate_part(version, "model version") if version else new_version()
         if version == LATEST:
@@ -168,6 +185,7 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self._tmp_dir))
         try:
             fill(staging)
+            (staging / MODEL_FILE).unlink(missing_ok=True)  # importing a stored model's folder: ours replaces it
             info = ModelInfo(
                 name=name,
                 version=version,

@@ -49,8 +49,8 @@ class ServedModel:
         raise Unimplemented(f"model {self.tag} serves no {task} signature for {rpc}; its signatures: {names}")
 
     def parameters(self, signature: str) -> Mapping[str, inspect.Parameter] | None:
-        """The keyword parameters of a signature's method, or None when they cannot be known before loading."""
-        return _parameters(self.model.info.pipeline_class, signature, self.model.signatures[signature].task)
+        """The keyword parameters of a signature's method; None when it takes any keyword (custom code)."""
+        return _parameters(self.model.pipeline_type(), signature, self.model.signatures[signature].task)
 
     def prompt_warnings(self, *prompts: str) -> tuple[str, ...]:
         """Say when a prompt is longer than the text encoder reads (diffusers truncates it silently)."""
@@ -78,12 +78,8 @@ def _load_tokenizer(model: Model) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _parameters(class_name: str, method: str, task: str) -> Mapping[str, inspect.Parameter] | None:
-    import diffusers
-
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        return None
+def _parameters(cls: type, method: str, task: str) -> Mapping[str, inspect.Parameter] | None:
+    class_name = cls.__name__
     function = getattr(cls, method, None)
     if function is None and task in (IMG2IMG, INPAINT, TEXT2IMG):
         try:
@@ -100,7 +96,10 @@ def _parameters(class_name: str, method: str, task: str) -> Mapping[str, inspect
     if function is None:
         return None
     params = inspect.signature(function).parameters
-    # Only named parameters: diffusers' `**kwargs` catch deprecated callbacks, never a client's arguments.
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if takes_any and not getattr(function, "__module__", "").startswith("diffusers."):
+        return None  # custom code that forwards **kwargs: let the pipeline judge
+    # Only named parameters: diffusers' own `**kwargs` catch deprecated callbacks, never a client's arguments.
     return {name: p for name, p in params.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 

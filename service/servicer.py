@@ -156,19 +156,20 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             events: asyncio.Queue[pb.StreamResponse] = asyncio.Queue()
             on_progress = _progress_sender(loop, events, request.preview_every)
             task: asyncio.Task[Any] = asyncio.ensure_future(handler(getattr(request, kind), context, on_progress))
+            getter: asyncio.Future[pb.StreamResponse] | None = None
             try:
                 while not task.done():
                     getter = asyncio.ensure_future(events.get())
                     await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                     if getter.done():
                         yield getter.result()
-                    else:
-                        getter.cancel()
                 while not events.empty():  # progress sent before the result was set, still queued
                     yield events.get_nowait()
                 yield pb.StreamResponse(**{kind: task.result()})
-            finally:
+            finally:  # the client may have gone: stop the work and the pending read
                 task.cancel()
+                if getter is not None:
+                    getter.cancel()
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
