@@ -74,6 +74,7 @@ class Executor:
         self._lock = threading.Lock()
         self._live = 0
         self._failed: list[BaseException] = []
+        self.on_unhealthy: Callable[[], None] | None = None  # called from a worker thread that dies
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -134,6 +135,8 @@ class Executor:
             if not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 self.queue.close()
                 self.queue.fail_all(WorkerUnavailableError("every worker has died"))
+            if self.on_unhealthy is not None:
+                self.on_unhealthy()
             raise
 
     def _run(self, name: str, runner: BatchRunner, batch: Batch) -> None:
@@ -157,12 +160,17 @@ class Executor:
                     set_result(item.future, result)
             if all(item.cancel_requested for item in items):
                 outcome = "interrupted"
+        run_seconds = self._clock() - started
+        waits = [w for item, w in zip(batch.items, batch.queue_wait) if item in items]
+        for item, wait in zip(items, waits):
+            item.trace.queue_wait, item.trace.run_seconds, item.trace.batch_size = wait, run_seconds, len(items)
         if self._on_batch is not None:
-            waits = [w for item, w in zip(batch.items, batch.queue_wait) if item in items]
-            self._on_batch(BatchReport(name, batch.key, len(items), waits, self._clock() - started, outcome))
+            self._on_batch(BatchReport(name, batch.key, len(items), waits, run_seconds, outcome))
 
     def _fail(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem], exc: BaseException) -> None:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        if not isinstance(exc, Exception):  # the worker itself is going down: its callers must not hang
+            for item in items:
+                set_exception(item.future, WorkerUnavailableError(f"worker {name} died"))
             raise exc
         if all(item.cancel_requested for item in items):
             for item in items:

@@ -80,6 +80,15 @@ class Frozen:
         return json.loads(self.text)
 
 
+@dataclass
+class ItemTrace:
+    """What happened to an item, filled in by its worker: for request logs and metrics."""
+
+    queue_wait: float = 0.0  # seconds
+    run_seconds: float = 0.0
+    batch_size: int = 0
+
+
 @dataclass(frozen=True, eq=False)
 class WorkItem:
     """One image to make. `inputs` are the per-item arguments stacked along the batch dimension."""
@@ -90,6 +99,7 @@ class WorkItem:
     deadline: float | None = None  # in the executor clock's time (time.monotonic by default)
     on_progress: ProgressCallback | None = None
     future: Future[Any] = field(default_factory=Future)
+    trace: ItemTrace = field(default_factory=ItemTrace, repr=False)
     _cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Sequence
 
 from batching import BatchKey, BatchReport, Executor, WorkItem
@@ -13,6 +15,7 @@ from .config import ServerConfig
 from .registry import ServedModel
 
 log = logging.getLogger(__name__)
+TEST_LOAD_DELAY_ENV = "DIFFUSERS_GRPC_TEST_LOAD_DELAY_S"
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -62,6 +65,9 @@ def runner_factory(served: Sequence[ServedModel], device: str) -> RunnerFactory:
     """Loads this worker's own replica of every model on `device` (run inside the worker thread)."""
 
     def build() -> DiffusersBatchRunner:
+        delay = float(os.environ.get(TEST_LOAD_DELAY_ENV) or 0)
+        if delay:  # test hook: a slow model load, to watch readiness from outside the process
+            time.sleep(delay)
         runners = {}
         for model in served:
             log.info("loading %s on %s", model.tag, device)

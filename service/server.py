@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import stat
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,12 +21,14 @@ from grpc_reflection.v1alpha import reflection
 from batching import BatchReport
 from model_store import ModelStore
 
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .engine import build_executor, runner_factory
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 from .registry import ModelRegistry, ServedModel
+from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DiffusionServicer
+from .telemetry import Metrics, TelemetryInterceptor
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -61,21 +68,34 @@ class DiffusionServer:
         self.config = config
         self.store = store or ModelStore()
         self.stats = BatchStats()
+        self.metrics = Metrics()
         served = [ServedModel.of(self.store.get(tag)) for tag in config.tags]
         self.registry = ModelRegistry(served)
-        self.executor = build_executor(config, served, self.stats.record, factory)  # type: ignore[arg-type]
+        self.executor = build_executor(config, served, self._on_batch, factory)  # type: ignore[arg-type]
+        self.executor.on_unhealthy = self._on_worker_death
+        self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
         self.servicer = DiffusionServicer(self.registry, self.executor, Limits.of(config))
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=config.grpc_options)
+        self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]
+        if config.auth_token:
+            interceptors.insert(0, TokenAuthInterceptor(config.auth_token))
+        self.server = grpc.aio.server(options=config.grpc_options, interceptors=interceptors)
         self.ports: list[int] = []
-        self._ready = asyncio.Event()
+        self._metrics_http: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
+
+    def _on_batch(self, report: BatchReport) -> None:
+        self.stats.record(report)
+        self.metrics.record_batch(report)
 
     async def start(self) -> int:
         """Bind and start serving (readiness NOT_SERVING); load and warm the models in the background.
 
         Returns the bound TCP port (useful with port 0).
         """
+        self._loop = asyncio.get_running_loop()
         pb_grpc.add_DiffusionServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -85,14 +105,31 @@ class DiffusionServer:
                 reflection.SERVICE_NAME,
             )
             reflection.enable_server_reflection(names, self.server)
-        port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, credentials)
         if self.config.uds:
-            self.server.add_insecure_port(f"unix:{self.config.uds}")
+            _remove_stale_socket(self.config.uds)
+            self.server.add_insecure_port(f"unix:{self.config.uds}")  # local only: file permissions guard it
         self.ports.append(port)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening on %s:%d; loading %s", self.config.host, port, ", ".join(self.config.tags))
+        if self.config.uds:
+            os.chmod(self.config.uds, 0o660)
+        if self.config.metrics_port is not None:
+            self._metrics_http = self.metrics.serve_http(self.config.metrics_port)
+        scheme = "tls" if credentials else "plaintext"
+        log.info(
+            "listening on %s (%s)%s; loading %s",
+            address.replace(f":{self.config.port}", f":{port}"),
+            scheme,
+            f" and unix:{self.config.uds}" if self.config.uds else "",
+            ", ".join(self.config.tags),
+        )
         self._loading = asyncio.create_task(self._load())
         return port
 
@@ -100,9 +137,19 @@ class DiffusionServer:
         self.executor.start()
         await asyncio.to_thread(self.executor.wait_ready)
         self.servicer.accepting = True
+        self.metrics.models_loaded.set(len(self.registry.models))
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self._ready.set()
         log.info("ready: %s", ", ".join(m.tag for m in self.registry.models))
+
+    def _on_worker_death(self) -> None:
+        """Called from a dying worker thread: readiness goes NOT_SERVING so traffic moves elsewhere."""
+        if self._loop is None:
+            return
+        self.servicer.accepting = False
+        future = asyncio.run_coroutine_threadsafe(
+            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING), self._loop
+        )
+        future.add_done_callback(lambda f: f.exception())  # never leave an exception unretrieved
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the models are warm; re-raise a loading failure."""
@@ -110,26 +157,58 @@ class DiffusionServer:
         await asyncio.wait_for(asyncio.shield(self._loading), timeout)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Readiness NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`, then stop."""
+        """Drain: readiness NOT_SERVING, new calls UNAVAILABLE, queued and running work gets `grace` seconds to
+        finish; what is left then fails with UNAVAILABLE. Liveness stays SERVING until the process exits."""
         grace = self.config.grace_seconds if grace is None else grace
         self.servicer.accepting = False
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
-        await asyncio.to_thread(self.executor.shutdown, 1.0)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        # Health keeps answering while we drain (gRPC's own stop would refuse every new RPC, probes included):
+        # new calls get UNAVAILABLE from the servicer, the executor finishes what is queued and running within
+        # `grace` and then fails the rest with UNAVAILABLE, and we wait for the handlers to send their answers.
+        deadline = time.monotonic() + grace
+        await asyncio.to_thread(self.executor.shutdown, grace)
+        while self.telemetry.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(1.0)
         self.servicer.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        if self.config.uds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.uds)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
 
 
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a crashed server would make the bind fail; anything else there is not ours."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"--uds {path} exists and is not a socket; refusing to replace it")
+    os.unlink(path)
+
+
 async def serve(config: ServerConfig, store: ModelStore | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain gracefully (the `serve` command)."""
+    """Run until SIGTERM/SIGINT, then drain gracefully (the `serve` command). A second signal exits at once."""
     server = DiffusionServer(config, store)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting without draining")
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     loading = asyncio.ensure_future(server.wait_ready())
     stopping = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -139,3 +218,4 @@ async def serve(config: ServerConfig, store: ModelStore | None = None) -> None:
     await stopping
     log.info("signal received: draining for up to %.0fs", config.grace_seconds)
     await server.stop()
+    log.info("drained; exiting")

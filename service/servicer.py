@@ -18,7 +18,7 @@ import grpc
 from batching import Executor, StepEvent, WorkItem
 from batching.items import ProgressCallback
 
-from . import outputs, validation
+from . import outputs, scope, validation
 from .errors import FieldViolation, InvalidArgument, Unavailable, status_for
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
@@ -27,6 +27,7 @@ from .registry import ModelRegistry, ServedModel
 from .validation import Limits
 
 log = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "x-request-id"
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
@@ -52,7 +53,11 @@ def rpc(method: Handler[Request, Response]) -> Handler[Request, Response]:
 
 async def abort(context: Context, exc: BaseException) -> None:
     status = status_for(exc)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    request = scope.get()
+    trailing = tuple(status.trailing_metadata)
+    if request is not None:  # abort replaces trailing metadata: keep the request id the interceptor echoes
+        trailing += ((REQUEST_ID_HEADER, request.request_id),)
+    await context.abort(status.code, status.details, trailing)
 
 
 class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
@@ -123,6 +128,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         return await self._encode(outputs.generated_images, job, results)
 
     async def _submit_and_wait(self, items: Sequence[WorkItem]) -> list[Any]:
+        request = scope.get()
+        if request is not None:
+            request.model = items[0].key.model if items else request.model
+            request.items.extend(items)
         self.executor.submit(items)
         try:
             return list(await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items)))

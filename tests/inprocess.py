@@ -24,6 +24,10 @@ class LoopThread:
     def run(self, coro: Any, timeout: float | None = 120) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def run_async(self, coro: Any) -> Any:
+        """Start a coroutine on the loop; returns a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -47,5 +51,6 @@ def running_server(store: ModelStore, wait: bool = True, **config: Any) -> Itera
         server.loop_thread = loop  # type: ignore[attr-defined]
         yield server, f"127.0.0.1:{port}"
     finally:
-        loop.run(server.stop(grace=1))
+        if server.servicer.accepting or not server.executor.queue._closed:
+            loop.run(server.stop(grace=1))
         loop.close()

@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         config = from_sources(flags)
     except ConfigError as exc:
         raise CliError(f"invalid configuration: {exc}", exit_code=2) from None
+    from ..telemetry import configure_logging
+
+    configure_logging(config.log_format, config.log_level)
     store = ModelStore(config.store) if config.store and not config.store.startswith("s3://") else None
     asyncio.run(serve(config, store))
     return 0

@@ -1,0 +1,206 @@
+"""Prometheus metrics and one structured log line per request, from a server interceptor and the executor's
+batch reports. Each server has its own CollectorRegistry, so several can run in one process (tests)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from batching import BatchReport
+
+from . import scope
+from .servicer import REQUEST_ID_HEADER
+
+log = logging.getLogger("diffusers_grpc.requests")
+PREFIX = "diffusers_grpc_"
+_EXEMPT = ("/grpc.health.", "/grpc.reflection.")
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    """The service's Prometheus metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}requests", "RPCs by model, method and status code", ["model", "rpc", "code"], registry=r
+        )
+        self.latency = Histogram(
+            f"{PREFIX}request_latency_seconds", "RPC latency", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}queue_wait_seconds", "time items wait in the batch queue", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}batch_size", "items per pipeline call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            f"{PREFIX}inference_seconds", "pipeline call time", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.in_flight = Gauge(f"{PREFIX}in_flight_requests", "RPCs being served", registry=r)
+        self.queue_depth = Gauge(f"{PREFIX}queue_depth", "items waiting in the batch queue", registry=r)
+        self.models_loaded = Gauge(f"{PREFIX}models_loaded", "models loaded and warm", registry=r)
+
+    def record_batch(self, report: BatchReport) -> None:
+        self.batch_size.observe(report.size)
+        self.inference.labels(report.key.model).observe(report.run_seconds)
+        for wait in report.queue_wait:
+            self.queue_wait.observe(wait)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> Any:
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+    """Request id (from x-request-id or generated, echoed in trailing metadata), metrics and one log line per RPC."""
+
+    def __init__(self, metrics: Metrics | None, json_logs: bool) -> None:
+        self.metrics = metrics
+        self.json_logs = json_logs
+        self.in_flight = 0  # RPCs between start and answer; the drain waits for zero (event loop only)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(_EXEMPT):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        metadata = dict(details.invocation_metadata or ())
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._observe(rpc, metadata, request, context):
+                    return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with self._observe(rpc, metadata, request, context):
+                    async for response in inner_stream(request, context):
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _observe(
+        self, rpc: str, metadata: dict[str, Any], request: Any, context: grpc.aio.ServicerContext
+    ) -> _Observation:
+        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+        model = getattr(request, "model", "") or ""
+        return _Observation(self, scope.RequestScope(request_id, rpc, model), request, context)
+
+
+class _Observation:
+    """Times one RPC and reports it when it ends, however it ends."""
+
+    def __init__(
+        self, owner: TelemetryInterceptor, request_scope: scope.RequestScope, request: Any, context: Any
+    ) -> None:
+        self.owner = owner
+        self.scope = request_scope
+        self.request = request
+        self.context = context
+        self.token: Any = None
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+        self.token = scope.current.set(self.scope)
+        self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.scope.request_id),))
+        self.owner.in_flight += 1
+        if self.owner.metrics:
+            self.owner.metrics.in_flight.inc()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        scope.current.reset(self.token)
+        self.owner.in_flight -= 1
+        elapsed = time.perf_counter() - self.started
+        code = _code_name(self.context, kind)
+        s = self.scope
+        metrics = self.owner.metrics
+        if metrics:
+            metrics.in_flight.dec()
+            metrics.requests.labels(s.model, s.rpc, code).inc()
+            metrics.latency.labels(s.rpc).observe(elapsed)
+        fields: dict[str, Any] = {
+            "request_id": s.request_id,
+            "rpc": s.rpc,
+            "model": s.model,
+            "code": code,
+            "ms": round(elapsed * 1e3, 2),
+            "queue_ms": round(s.queue_ms(), 2),
+            "run_ms": round(s.run_ms(), 2),
+            "batch_size": s.batch_size(),
+            "images": len(s.items),
+        }
+        if log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG
+            fields["prompt"] = getattr(self.request, "prompt", "")
+            log.debug(self._format(fields))
+        else:
+            log.info(self._format(fields))
+
+    def _format(self, fields: dict[str, Any]) -> str:
+        if self.owner.json_logs:
+            return json.dumps({"event": "request", **fields})
+        return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _code_name(context: Any, kind: type[BaseException] | None) -> str:
+    code = context.code()
+    if code is None:
+        if kind is None:
+            return "OK"
+        return "CANCELLED" if kind.__name__ == "CancelledError" else "UNKNOWN"
+    name = getattr(code, "name", None)
+    if name is None:  # some grpcio versions report a bare int
+        name = grpc.StatusCode(code).name if isinstance(code, grpc.StatusCode) else str(code)
+    return str(name)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (request lines are JSON already)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith("{"):
+            return message
+        data = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": message}
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

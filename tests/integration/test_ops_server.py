@@ -1,0 +1,278 @@
+"""Operations on a real in-process server: auth, TLS/mTLS, Unix socket, metrics, request ids and logs,
+readiness during a slow load and during a drain, and a dying worker."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import stat
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from helpers import READINESS, free_port, health_status
+from inprocess import running_server
+
+from service.client import DiffusionClient
+from service.engine import runner_factory
+from service.generated.diffusion.v1 import diffusion_pb2 as pb
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def request(seed: int = 1, steps: int = 2) -> pb.TextToImageRequest:
+    return pb.TextToImageRequest(prompt="x", params=pb.GenerationParams(seed=seed, num_inference_steps=steps))
+
+
+# --- auth ------------------------------------------------------------------------------------------------------
+
+
+def test_bearer_token_is_required_but_health_answers_without_it(store):
+    with running_server(store, auth_token="s3cret") as (_, target):
+        with DiffusionClient(target) as anonymous:
+            with pytest.raises(grpc.RpcError) as caught:
+                anonymous.stub.TextToImage(request(), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as caught:
+                list(anonymous.stub.Stream(pb.StreamRequest(text_to_image=request()), timeout=30))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with DiffusionClient(target, metadata={"authorization": "Bearer wrong"}) as wrong:
+            with pytest.raises(grpc.RpcError) as caught:
+                wrong.list_models(timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert health_status(target) == SERVING
+        with DiffusionClient(target, metadata={"authorization": "Bearer s3cret"}) as good:
+            assert good.text_to_image("x", seed=1, steps=2, timeout=30).images
+            assert [e.WhichOneof("event") for e in good.stream(request(), timeout=30)][-1] == "text_to_image"
+
+
+# --- TLS ------------------------------------------------------------------------------------------------------
+
+
+def _certificates(folder):
+    """A test CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def make(name, issuer_name, issuer_key, *, ca=False, server=False):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name or name)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if server:
+            san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        elif not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        return key, cert
+
+    ca_key, ca_cert = make("test-ca", None, None, ca=True)
+    server_key, server_cert = make("localhost", "test-ca", ca_key, server=True)
+    client_key, client_cert = make("client", "test-ca", ca_key)
+    paths = {}
+    for name, key, cert in (
+        ("ca", ca_key, ca_cert),
+        ("server", server_key, server_cert),
+        ("client", client_key, client_cert),
+    ):
+        (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        paths[name] = (folder / f"{name}.crt", folder / f"{name}.key")
+    return paths
+
+
+def test_tls_and_mtls(store, tmp_path):
+    certs = _certificates(tmp_path)
+    ca = certs["ca"][0].read_bytes()
+    server_cert, server_key = (str(p) for p in certs["server"])
+    with running_server(store, tls_cert=server_cert, tls_key=server_key) as (_, target):
+        tls = grpc.ssl_channel_credentials(root_certificates=ca)
+        with DiffusionClient(target, credentials=tls) as client:
+            assert client.stub.TextToImage(request(), timeout=30).images
+        with DiffusionClient(target) as plaintext, pytest.raises(grpc.RpcError):
+            plaintext.list_models(timeout=5)
+    with running_server(store, tls_cert=server_cert, tls_key=server_key, tls_client_ca=str(certs["ca"][0])) as (
+        _,
+        target,
+    ):
+        without_cert = grpc.ssl_channel_credentials(root_certificates=ca)
+        with DiffusionClient(target, credentials=without_cert) as client, pytest.raises(grpc.RpcError) as caught:
+            client.list_models(timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        client_cert, client_key = (p.read_bytes() for p in certs["client"])
+        with_cert = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=client_key, certificate_chain=client_cert
+        )
+        with DiffusionClient(target, credentials=with_cert) as client:
+            assert client.list_models(timeout=30).models
+
+
+# --- Unix socket -----------------------------------------------------------------------------------------------
+
+
+def test_tcp_and_unix_socket_serve_the_same_results(store, tmp_path):
+    path = tmp_path / "grpc.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # a socket file left behind by a crashed server
+    stale.close()
+    with running_server(store, uds=str(path)) as (_, target):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        with DiffusionClient(target) as tcp, DiffusionClient(f"unix:{path}") as local:
+            over_tcp = tcp.stub.TextToImage(request(seed=5), timeout=30)
+            over_uds = local.stub.TextToImage(request(seed=5), timeout=30)
+        assert over_tcp.images[0].image.data == over_uds.images[0].image.data
+    assert not path.exists()  # removed on exit
+
+
+# --- metrics, request ids, logs --------------------------------------------------------------------------------
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_requests_and_fill_the_batch_histogram(store):
+    port = free_port()
+    with running_server(store, metrics_port=port) as (_, target), DiffusionClient(target) as client:
+
+        def scrape() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+        before = scrape()
+        assert _metric(before, "diffusers_grpc_models_loaded") == 1
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda s: client.stub.TextToImage(request(seed=s, steps=4), timeout=60), range(6)))
+        with pytest.raises(grpc.RpcError):
+            client.text_to_image("x", height=7)
+        after = scrape()
+    ok = 'diffusers_grpc_requests_total{code="OK",model="%s",rpc="TextToImage"}'
+    assert _metric(after, "diffusers_grpc_requests_total") - _metric(before, "diffusers_grpc_requests_total") == 7
+    assert 'code="INVALID_ARGUMENT"' in after
+    assert ok.split("{")[0] in after
+    assert _metric(after, "diffusers_grpc_batch_size_count") > _metric(before, "diffusers_grpc_batch_size_count")
+    assert _metric(after, "diffusers_grpc_request_latency_seconds_count") >= 7
+    assert _metric(after, "diffusers_grpc_queue_wait_seconds_count") >= 6
+    assert _metric(after, "diffusers_grpc_inference_seconds_count") >= 1
+    assert "diffusers_grpc_in_flight_requests 0.0" in after and "diffusers_grpc_queue_depth 0.0" in after
+
+
+def test_request_id_is_echoed_and_logged_without_the_prompt(store, caplog):
+    caplog.set_level(logging.INFO, logger="diffusers_grpc.requests")
+    with running_server(store) as (_, target), DiffusionClient(target) as client:
+        _, call = client.stub.TextToImage.with_call(
+            pb.TextToImageRequest(prompt="a secret prompt", params=pb.GenerationParams(seed=1, num_inference_steps=2)),
+            metadata=[("x-request-id", "req-42")],
+            timeout=30,
+        )
+        assert ("x-request-id", "req-42") in call.trailing_metadata()
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.TextToImage(request(steps=0), metadata=[("x-request-id", "req-43")], timeout=30)
+        assert ("x-request-id", "req-43") in caught.value.trailing_metadata()
+        _, generated = client.stub.ListModels.with_call(pb.ListModelsRequest(), timeout=30)
+        assert len(dict(generated.trailing_metadata())["x-request-id"]) == 32
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusers_grpc.requests"]
+    ok = next(line for line in lines if "request_id=req-42" in line)
+    assert "code=OK" in ok and "rpc=TextToImage" in ok and "batch_size=1" in ok and "model=tiny-sd:" in ok
+    assert "queue_ms=" in ok and "run_ms=" in ok
+    assert any("request_id=req-43" in line and "code=INVALID_ARGUMENT" in line for line in lines)
+    assert not any("secret" in line for line in lines)
+
+
+# --- readiness -------------------------------------------------------------------------------------------------
+
+
+def test_readiness_waits_for_a_slow_model_load(store):
+    gate = threading.Event()
+
+    def slow_factory(served, device):
+        build = runner_factory(served, device)
+
+        def slow():
+            gate.wait(60)
+            return build()
+
+        return slow
+
+    with running_server(store, wait=False, factory=slow_factory) as (server, target):
+        assert health_status(target, READINESS) == NOT_SERVING
+        assert health_status(target, "") == SERVING
+        with DiffusionClient(target) as client, pytest.raises(grpc.RpcError) as caught:
+            client.stub.TextToImage(request(), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        gate.set()
+        server.loop_thread.run(server.wait_ready(60))
+        assert health_status(target, READINESS) == SERVING
+
+
+def test_drain_keeps_liveness_serving_and_finishes_in_flight_work(store):
+    with running_server(store) as (server, target), DiffusionClient(target) as client:
+        events = client.stream(request(seed=3, steps=100), timeout=120)
+        assert next(events).progress.step == 1  # the request is running
+        stopping = server.loop_thread.run_async(server.stop(grace=60))
+        for _ in range(500):
+            if health_status(target, READINESS) == NOT_SERVING:
+                break
+        assert health_status(target, READINESS) == NOT_SERVING
+        assert health_status(target, "") == SERVING
+        rest = list(events)
+        assert rest[-1].WhichOneof("event") == "text_to_image"  # finished, not cancelled
+        stopping.result(timeout=120)
+
+
+def test_a_dying_worker_turns_readiness_off_and_fails_its_items(store):
+    def fragile_factory(served, device):
+        build = runner_factory(served, device)
+
+        def fragile():
+            runner = build()
+            real = runner.run_batch
+
+            def run_batch(key, items, on_step):
+                if items[0].inputs.get("prompt") == "die":
+                    raise SystemExit("worker killed")
+                return real(key, items, on_step)
+
+            runner.run_batch = run_batch
+            return runner
+
+        return fragile
+
+    with running_server(store, factory=fragile_factory) as (_, target), DiffusionClient(target) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.text_to_image("die", seed=1, steps=2, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        deadline = 200
+        while health_status(target, READINESS) != NOT_SERVING and deadline:
+            deadline -= 1
+        assert health_status(target, READINESS) == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            client.text_to_image("after", seed=1, steps=2, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
