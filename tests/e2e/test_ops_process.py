@@ -1,0 +1,107 @@
+"""Operations end to end with real server processes: drain on SIGTERM, the health probe over a Unix socket,
+and client-side round-robin across two replicas."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from helpers import READINESS, ROOT, cli, free_port, health_status, server_process, wait_serving
+
+from service.client import DiffusionClient
+from service.engine import TEST_LOAD_DELAY_ENV
+from service.generated.diffusion.v1 import diffusion_pb2 as pb
+from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.e2e
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+
+
+def start(home, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        cli("serve", "--host", "127.0.0.1", "--port", str(port), *args),
+        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home), **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / f"ops-{port}.log", "wb"),  # noqa: SIM115 (the child owns it)
+        cwd=ROOT,
+    )
+    return process, f"127.0.0.1:{port}"
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(store_home):
+    metrics_port = free_port()
+    process, target = start(
+        store_home, "--metrics-port", str(metrics_port), "--grace-seconds", "60", "--max-batch-size", "4"
+    )
+    try:
+        wait_serving(target, process=process)
+        with DiffusionClient(target) as client, ThreadPoolExecutor(8) as pool:
+            requests = [
+                pb.TextToImageRequest(prompt=f"p{i}", params=pb.GenerationParams(seed=i, num_inference_steps=40))
+                for i in range(8)
+            ]
+            futures = [pool.submit(client.stub.TextToImage, r, timeout=120) for r in requests]
+            while metric(metrics_port, "diffusers_grpc_in_flight_requests") < 8:
+                assert not any(f.done() for f in futures), "a request finished before all 8 were in flight"
+            process.send_signal(signal.SIGTERM)
+            while health_status(target, READINESS) != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert process.poll() is None
+            with pytest.raises(grpc.RpcError) as caught:
+                client.text_to_image("late", seed=1, steps=2, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            replies = [f.result(timeout=120) for f in futures]
+        assert [r.images[0].seed for r in replies] == list(range(8))
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_health_probe_over_unix_socket_exits_0_1_and_2(store_home, tmp_path):
+    socket_path = tmp_path / "grpc.sock"
+    process, target = start(store_home, "--uds", str(socket_path), env={TEST_LOAD_DELAY_ENV: "4"})
+    probe = cli("health", "--uds", str(socket_path), "--timeout", "2")
+    try:
+        while not socket_path.exists():
+            assert process.poll() is None
+        loading = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert loading.returncode == 1 and "NOT_SERVING" in loading.stdout  # models still loading
+        liveness = subprocess.run([*probe, "--service", ""], capture_output=True, text=True, timeout=60)
+        assert liveness.returncode == 0
+        wait_serving(target, process=process)
+        assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    assert not socket_path.exists()
+    gone = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 2
+
+
+def test_round_robin_channel_spreads_requests_over_two_replicas(store_home):
+    ports = [free_port(), free_port()]
+    with (
+        server_process(store_home, ["--metrics-port", str(ports[0])]) as first,
+        server_process(store_home, ["--metrics-port", str(ports[1])]) as second,
+    ):
+        addresses = f"{first},{second}"
+        options = [("grpc.lb_policy_name", "round_robin")]
+        with grpc.insecure_channel(f"ipv4:{addresses}", options=options) as channel:
+            stub = pb_grpc.DiffusionServiceStub(channel)
+            for i in range(6):
+                params = pb.GenerationParams(seed=i, num_inference_steps=2)
+                stub.TextToImage(pb.TextToImageRequest(prompt="x", params=params), timeout=60)
+        served = [metric(port, "diffusers_grpc_requests_total") for port in ports]
+    assert all(count >= 1 for count in served), served
+    assert sum(served) == 6
