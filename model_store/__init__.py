@@ -38,7 +38,9 @@ __all__ = [
     "Tag",
     "default_home",
     "delete",
+    "export_model",
     "get",
+    "import_archive",
     "import_model",
     "list_models",
     "save_model",
@@ -68,3 +70,17 @@ def list_models() -> list[Model]:
 def delete(tag: str) -> Model:
     """Delete a model version from the default store."""
     return ModelStore().delete(tag)
+
+
+def export_model(tag: str, dest: str | os.PathLike[str]) -> Model:
+    """Write a model of the default store as a .tar.gz (a local path or `s3://bucket/key.tar.gz`)."""
+    from .archive import export_model as export
+
+    return export(ModelStore(), tag, dest)
+
+
+def import_archive(src: str | os.PathLike[str], *, overwrite: bool = False) -> Model:
+    """Import an archive (a local path or `s3://...`) into the default store, verifying every checksum."""
+    from .archive import import_archive as load
+
+    return load(ModelStore(), src, overwrite=overwrite)

@@ -180,9 +180,7 @@ class ModelStore:
         for key, value in (labels or {}).items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise StoreError(f"labels must map strings to strings, got {key!r}: {value!r}")
-        self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._sweep_tmp()
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self._tmp_dir))
+        staging = self.staging_folder(f"{name}-{version}")
         try:
             fill(staging)
             (staging / MODEL_FILE).unlink(missing_ok=True)  # importing a stored model's folder: ours replaces it
@@ -203,19 +201,34 @@ class ModelStore:
                 },
             )
             (staging / MODEL_FILE).write_text(yaml.safe_dump(info.to_dict(), sort_keys=False), encoding="utf-8")
-            fsync_tree(staging)
-            with self._lock(name):
-                target = self.models_dir / name / version
-                if target.exists():
-                    raise ModelExistsError(f"model {name}:{version} already exists")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, target)
-                fsync_dir(target.parent)
-                self._point_latest(name)
+            return self.commit_staged(staging, name, version)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return Model.load(self.models_dir / name / version)
+
+    def staging_folder(self, label: str) -> Path:
+        """A new empty folder inside the store, on the same file system, for building a model to commit."""
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_tmp()
+        return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self._tmp_dir))
+
+    def commit_staged(self, staging: Path, name: str, version: str, *, overwrite: bool = False) -> Model:
+        """Publish a complete staged model folder (model.yaml included): fsync, then rename into place under
+        the name's lock, then move `latest`. Readers see the whole model or none of it."""
+        fsync_tree(staging)
+        with self._lock(name):
+            target = self.models_dir / name / version
+            if target.exists():
+                if not overwrite:
+                    raise ModelExistsError(f"model {name}:{version} already exists")
+                trash = Path(tempfile.mkdtemp(prefix=f"replaced-{name}-", dir=self._tmp_dir))
+                os.rename(target, trash / version)
+                shutil.rmtree(trash, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, target)
+            fsync_dir(target.parent)
+            self._point_latest(name)
+        return Model.load(target)
 
     def delete(self, tag: str | Tag) -> Model:
         """Delete one version (`name:version`), or the newest one for a bare name; `latest` moves back."""

@@ -52,8 +52,20 @@ def register(commands: Any) -> None:
     importer.add_argument("--variant")
     importer.add_argument("--revision")
     importer.add_argument("--version", help="pin the version instead of generating one")
+    importer.add_argument("--custom-pipeline", help="a local .py file whose DiffusionPipeline subclass is used")
+    importer.add_argument("--trust-remote-code", action="store_true", help="allow --custom-pipeline code to run")
     importer.add_argument("--json", action="store_true", help="machine-readable output")
     importer.set_defaults(run=import_model)
+
+    exporter = sub.add_parser("export", help="write a model as a .tar.gz archive (a path or s3://bucket/key)")
+    exporter.add_argument("tag")
+    exporter.add_argument("dest")
+    exporter.set_defaults(run=export_model)
+
+    archive = sub.add_parser("import-archive", help="import a model archive (a path or s3://bucket/key)")
+    archive.add_argument("src")
+    archive.add_argument("--overwrite", action="store_true", help="replace the model if its tag exists")
+    archive.set_defaults(run=import_archive)
 
     deleter = sub.add_parser("delete", help="delete a model version")
     deleter.add_argument("tag")
@@ -125,12 +137,30 @@ def import_model(args: argparse.Namespace) -> int:
             variant=args.variant,
             revision=args.revision,
             version=args.version,
+            custom_pipeline=args.custom_pipeline,
+            trust_remote_code=args.trust_remote_code,
         )
     )
     if args.json:
         print_json(_summary(model))
     else:
         print(f"imported {model.tag}")
+    return 0
+
+
+def export_model(args: argparse.Namespace) -> int:
+    from model_store.archive import export_model as export
+
+    model = _store_call(lambda: export(ModelStore(), args.tag, args.dest))
+    print(f"exported {model.tag} to {args.dest}")
+    return 0
+
+
+def import_archive(args: argparse.Namespace) -> int:
+    from model_store.archive import import_archive as load
+
+    model = _store_call(lambda: load(ModelStore(), args.src, overwrite=args.overwrite))
+    print(f"imported {model.tag} from {args.src}")
     return 0
 
 
