@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -194,8 +195,27 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
+def prepare_store(config: ServerConfig) -> tuple[ServerConfig, ModelStore]:
+    """The local store to serve from. With `--store s3://...`, pull each model (checksums verified) into the
+    local store ($DIFFUSERS_GRPC_HOME, the cache) first, and serve exactly the versions pulled."""
+    if not config.store:
+        return config, ModelStore()
+    if not config.store.startswith("s3://"):
+        return config, ModelStore(config.store)
+    from model_store.remote import RemoteStore
+
+    local, remote = ModelStore(), RemoteStore(config.store)
+    tags = []
+    for tag in config.tags:
+        log.info("pulling %s from %s", tag, config.store)
+        tags.append(remote.pull(tag, into=local).tag)
+    return dataclasses.replace(config, tags=tuple(tags)), local
+
+
 async def serve(config: ServerConfig, store: ModelStore | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully (the `serve` command). A second signal exits at once."""
+    if store is None:
+        config, store = await asyncio.to_thread(prepare_store, config)
     server = DiffusionServer(config, store)
     await server.start()
     stop = asyncio.Event()

@@ -71,8 +71,6 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_store import ModelStore
-
     from ..server import serve
 
     flags = {k: v for k, v in vars(args).items() if v is not None}
@@ -84,6 +82,5 @@ def run(args: argparse.Namespace) -> int:
     from ..telemetry import configure_logging
 
     configure_logging(config.log_format, config.log_level)
-    store = ModelStore(config.store) if config.store and not config.store.startswith("s3://") else None
-    asyncio.run(serve(config, store))
+    asyncio.run(serve(config))
     return 0

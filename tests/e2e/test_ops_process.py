@@ -105,3 +105,20 @@ def test_round_robin_channel_spreads_requests_over_two_replicas(store_home):
         served = [metric(port, "diffusers_grpc_requests_total") for port in ports]
     assert all(count >= 1 for count in served), served
     assert sum(served) == 6
+
+
+def test_serve_pulls_its_models_from_s3_before_readiness(store, store_home, bucket, tmp_path):
+    from model_store import ModelStore
+    from model_store.remote import RemoteStore
+
+    tag = store.get("tiny-sd").tag
+    RemoteStore(f"s3://{bucket}/models").push(store, tag)
+    cache = tmp_path / "cache"  # an empty local store: everything served comes from S3
+    cache.mkdir()
+    with (
+        server_process(cache, ["tiny-sd", "--store", f"s3://{bucket}/models"]) as target,
+        DiffusionClient(target) as client,
+    ):
+        assert client.text_to_image("x", seed=1, steps=2, timeout=60).model == tag
+    pulled = ModelStore(cache).get(tag)
+    pulled.check_files(full=True)
