@@ -184,6 +184,7 @@ class ModelStore:
         try:
             fill(staging)
             (staging / MODEL_FILE).unlink(missing_ok=True)  # importing a stored model's folder: ours replaces it
+            _test_pause(staging)
             info = ModelInfo(
                 name=name,
                 version=version,
@@ -264,6 +265,16 @@ class ModelStore:
             with _suppress(OSError):
                 if entry.stat().st_mtime < cutoff:
                     shutil.rmtree(entry)
+
+
+def _test_pause(staging: Path) -> None:
+    """Test hook: with DIFFUSERS_GRPC_TEST_PAUSE_IN_STAGING=FILE, announce the staging folder in FILE and block,
+    so a test can kill the writer mid-import."""
+    marker = os.environ.get("DIFFUSERS_GRPC_TEST_PAUSE_IN_STAGING")
+    if marker:
+        atomic_write_text(Path(marker), str(staging))
+        while True:
+            time.sleep(60)
 
 
 @contextmanager
