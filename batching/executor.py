@@ -13,8 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import InvalidInputError, ItemCancelledError, WorkerUnavailableError
+from .errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    ItemCancelledError,
+    OutOfMemoryError,
+    WorkerUnavailableError,
+)
 from .items import BatchKey, StepEvent, WorkItem, set_exception, set_result
+from .policy import BatchPolicy
 from .queue import Batch, BatchQueue, Clock
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ class Executor:
         *,
         max_batch_size: int = 8,
         max_queue: int = 256,
+        max_wait: float = 0.0,
         clock: Clock = time.monotonic,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
@@ -65,7 +73,8 @@ class Executor:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
-        self.queue = BatchQueue(max_queue, clock)
+        self.policy = BatchPolicy(max_batch_size, max_wait)
+        self.queue = BatchQueue(max_queue, clock, self.policy)
         self._clock = clock
         self._on_batch = on_batch
         self._factories = list(runner_factories)
@@ -74,6 +83,7 @@ class Executor:
         self._lock = threading.Lock()
         self._live = 0
         self._failed: list[BaseException] = []
+        self._dead: set[str] = set()
         self.on_unhealthy: Callable[[], None] | None = None  # called from a worker thread that dies
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -97,7 +107,7 @@ class Executor:
     @property
     def healthy(self) -> bool:
         """True while every worker thread is alive."""
-        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._failed
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._failed and not self._dead
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop taking new work, let workers drain the queue, then fail whatever is left."""
@@ -110,9 +120,15 @@ class Executor:
     # --- submitting ----------------------------------------------------------------------------------------
 
     def submit(self, items: Sequence[WorkItem]) -> None:
-        """Queue the items (all or none). Raises QueueFullError or WorkerUnavailableError."""
+        """Queue the items (all or none). Raises QueueFullError, WorkerUnavailableError, or DeadlineExceededError
+        when a deadline is shorter than a call of this kind is known to take."""
         if not self.healthy and self._threads:
             raise WorkerUnavailableError("no live worker")
+        if items and items[0].deadline is not None:
+            estimate = self.policy.estimate(items[0].key, 1)
+            left = items[0].deadline - self._clock()
+            if estimate is not None and left < estimate:
+                raise DeadlineExceededError(f"the deadline leaves {left:.3f}s; a call takes about {estimate:.3f}s")
         self.queue.put(items)
 
     # --- workers -------------------------------------------------------------------------------------------
@@ -132,6 +148,7 @@ class Executor:
                 self._run(name, runner, batch)
         except BaseException:
             log.exception("worker %s died", name)
+            self._dead.add(name)
             if not any(t.is_alive() for t in self._threads if t is not threading.current_thread()):
                 self.queue.close()
                 self.queue.fail_all(WorkerUnavailableError("every worker has died"))
@@ -151,6 +168,7 @@ class Executor:
             outcome = "error"
             self._fail(name, runner, batch.key, items, exc)
         else:
+            self.policy.observe(batch.key, len(items), self._clock() - started)
             if len(results) != len(items):
                 raise RuntimeError(f"runner returned {len(results)} results for {len(items)} items")
             for item, result in zip(items, results):
@@ -176,17 +194,55 @@ class Executor:
             for item in items:
                 set_exception(item.future, ItemCancelledError("cancelled while running"))
             return
+        if is_out_of_memory(exc):
+            self._split_after_oom(name, runner, key, items)
+            return
         if len(items) == 1:
             set_exception(items[0].future, _classify(exc))
             return
         log.warning("worker %s: batch of %d failed (%r); retrying items alone", name, len(items), exc)
         for item in items:  # failure isolation: only an item that fails alone gets the error
-            try:
-                (result,) = runner.run_batch(key, [item], self._step_hook([item], self._clock()))
-            except Exception as single:
-                set_exception(item.future, _classify(single))
+            self._retry(name, runner, key, [item])
+
+    def _split_after_oom(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem]) -> None:
+        """Out of memory: lower the key's batch limit for a while and run the batch in halves (recursively)."""
+        self.policy.out_of_memory(key, len(items), self._clock())
+        if len(items) == 1:
+            set_exception(items[0].future, OutOfMemoryError("out of device memory even for a single image"))
+            return
+        log.warning("worker %s: out of memory at batch %d; splitting", name, len(items))
+        self._empty_device_cache()
+        half = len(items) // 2
+        for part in (items[:half], items[half:]):
+            self._retry(name, runner, key, part)
+
+    def _retry(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem]) -> None:
+        live = [item for item in items if not item.cancel_requested]
+        if not live:
+            for item in items:
+                set_exception(item.future, ItemCancelledError("cancelled while running"))
+            return
+        try:
+            results = runner.run_batch(key, live, self._step_hook(live, self._clock()))
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                self._split_after_oom(name, runner, key, live)
+            elif len(live) == 1:
+                set_exception(live[0].future, _classify(exc))
             else:
+                for item in live:
+                    self._retry(name, runner, key, [item])
+        else:
+            for item, result in zip(live, results):
                 set_result(item.future, result)
+
+    @staticmethod
+    def _empty_device_cache() -> None:
+        import sys
+
+        torch = sys.modules.get("torch")  # only if the runner uses torch: batching never imports it
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _step_hook(self, items: Sequence[WorkItem], started: float) -> StepHook:
         def on_step(step: int, total: int, latents: Any = None) -> bool:
@@ -202,6 +258,13 @@ class Executor:
             return not all(item.cancel_requested for item in items)
 
         return on_step
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (and any error type of that name, such as a test's) without importing torch."""
+    return any(kind.__name__ == "OutOfMemoryError" for kind in type(exc).__mro__) and not isinstance(
+        exc, OutOfMemoryError
+    )
 
 
 def _classify(exc: BaseException) -> BaseException:

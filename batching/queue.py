@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .errors import DeadlineExceededError, QueueFullError, WorkerUnavailableError
 from .items import BatchKey, WorkItem, set_exception
+from .policy import BatchPolicy
 
 Clock = Callable[[], float]
 
@@ -32,11 +33,12 @@ class Batch:
 class BatchQueue:
     """Holds items until a worker takes them. Thread-safe; workers block on a condition, never poll."""
 
-    def __init__(self, max_items: int, clock: Clock = time.monotonic) -> None:
+    def __init__(self, max_items: int, clock: Clock = time.monotonic, policy: BatchPolicy | None = None) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         self.max_items = max_items
         self._clock = clock
+        self.policy = policy
         self._groups: OrderedDict[BatchKey, deque[_Entry]] = OrderedDict()
         self._size = 0
         self._closed = False
@@ -59,6 +61,8 @@ class BatchQueue:
             for item in items:
                 self._groups.setdefault(item.key, deque()).append(_Entry(item, now))
             self._size += len(items)
+            if self.policy is not None and items:
+                self.policy.arrived(items[0].key, now, len(items))
             self._cond.notify(len(items))
 
     def take(self, max_batch_size: int) -> Batch | None:
@@ -69,9 +73,15 @@ class BatchQueue:
         """
         with self._cond:
             while True:
-                batch = self._pop_batch(max_batch_size)
-                if batch is not None:
-                    return batch
+                now = self._clock()
+                self._drop_dead(now)
+                if self._groups:
+                    key = min(self._groups, key=lambda k: self._groups[k][0].arrived)  # oldest first: no starvation
+                    hold = self._hold_until(key, now)
+                    if hold is None:
+                        return self._pop(key, max_batch_size, now)
+                    self._cond.wait(timeout=hold - now)  # new items or the end of the wait wake us
+                    continue
                 if self._closed:
                     return None
                 self._cond.wait()
@@ -94,14 +104,18 @@ class BatchQueue:
             self._size = 0
             return failed
 
-    def _pop_batch(self, max_batch_size: int) -> Batch | None:
-        now = self._clock()
-        self._drop_dead(now)
-        if not self._groups:
+    def _hold_until(self, key: BatchKey, now: float) -> float | None:
+        """When the policy says a partial group should wait for company (never once closed: drain fast)."""
+        if self.policy is None or self._closed or not key.batchable:
             return None
-        key = min(self._groups, key=lambda k: self._groups[k][0].arrived)  # oldest head first: no starvation
         entries = self._groups[key]
-        limit = max_batch_size if key.batchable else 1
+        return self.policy.wait_until(key, len(entries), entries[0].arrived, now)
+
+    def _pop(self, key: BatchKey, max_batch_size: int, now: float) -> Batch:
+        entries = self._groups[key]
+        limit = 1 if not key.batchable else max_batch_size
+        if self.policy is not None:
+            limit = min(limit, self.policy.limit(key, now))
         taken = [entries.popleft() for _ in range(min(limit, len(entries)))]
         if not entries:
             del self._groups[key]

@@ -89,4 +89,10 @@ def build_executor(
         for device in devices
         for replica in range(config.workers_per_device)
     ]
-    return Executor(workers, max_batch_size=config.max_batch_size, max_queue=config.max_queue, on_batch=on_batch)
+    return Executor(
+        workers,
+        max_batch_size=config.max_batch_size,
+        max_queue=config.max_queue,
+        max_wait=config.max_wait_ms / 1000.0,
+        on_batch=on_batch,
+    )

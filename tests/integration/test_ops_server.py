@@ -247,6 +247,7 @@ def test_drain_keeps_liveness_serving_and_finishes_in_flight_work(store):
         stopping.result(timeout=120)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker dies on purpose
 def test_a_dying_worker_turns_readiness_off_and_fails_its_items(store):
     def fragile_factory(served, device):
         build = runner_factory(served, device)

@@ -163,3 +163,108 @@ def test_future_helpers_ignore_done_futures():
     set_result(future, "x")
     set_exception(future, RuntimeError())
     assert future.cancelled()
+
+
+class OutOfMemoryError(RuntimeError):
+    """Stands in for torch.cuda.OutOfMemoryError on the CPU: the executor recognises it by name."""
+
+
+class MemoryBoundRunner(FakeRunner):
+    """Runs out of memory above a batch size, like a GPU would."""
+
+    def __init__(self, fits: int, gate: threading.Event | None = None) -> None:
+        super().__init__(gate)
+        self.fits = fits
+        self.sizes: list[int] = []
+
+    def run_batch(self, key, items, on_step):
+        self.sizes.append(len(items))
+        if len(items) > self.fits:
+            self.started.set()
+            if self.gate is not None:
+                self.gate.wait(10)
+            raise OutOfMemoryError("CUDA out of memory")
+        return super().run_batch(key, items, on_step)
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_limit():
+    gate = threading.Event()
+    runner = MemoryBoundRunner(fits=2, gate=gate)
+    executor = Executor([("gpu", lambda: runner)], max_batch_size=8)
+    executor.start()
+    executor.wait_ready(5)
+    blocker = item(key(steps=1), "blocker")
+    executor.submit([blocker])
+    assert runner.started.wait(5)
+    items = [item(key(), f"p{i}", seed=i) for i in range(8)]
+    executor.submit(items)
+    gate.set()
+    assert [i.future.result(5) for i in items] == [f"image:p{i}:{i}" for i in range(8)]
+    assert runner.sizes[1:] == [8, 4, 2, 2, 4, 2, 2]  # halved until it fits
+    assert executor.policy.limit(key(), executor._clock()) == 2  # lowered to what fits, for a while
+    executor.shutdown(5)
+
+
+def test_a_single_item_out_of_memory_gets_resource_exhausted_and_the_worker_lives():
+    from batching import OutOfMemoryError as ExecutorOOM
+
+    runner = MemoryBoundRunner(fits=0)
+    executor = Executor([("gpu", lambda: runner)], max_batch_size=8)
+    executor.start()
+    executor.wait_ready(5)
+    lone = item(key(), "big")
+    executor.submit([lone])
+    with pytest.raises(ExecutorOOM):
+        lone.future.result(5)
+    assert executor.healthy
+
+
+def test_a_deadline_shorter_than_a_known_call_is_refused_at_once():
+    now = [100.0]
+    executor = Executor([("fake", FakeRunner)], clock=lambda: now[0])
+    for size in (1, 2, 4):
+        executor.policy.observe(key(), size, 0.5 + 0.1 * size)
+    with pytest.raises(DeadlineExceededError, match="a call takes about"):
+        executor.submit([item(key(), deadline=100.2)])
+    executor.queue.put([item(key(), deadline=101.0)])  # enough time: accepted
+    assert len(executor.queue) == 1
+
+
+def test_two_workers_run_batches_at_the_same_time():
+    gates = [threading.Event(), threading.Event()]
+    runners = [FakeRunner(gates[0]), FakeRunner(gates[1])]
+    executor = Executor([("cpu#0", lambda: runners[0]), ("cpu#1", lambda: runners[1])], max_batch_size=4)
+    executor.start()
+    executor.wait_ready(5)
+    first, second = item(key(steps=1), "a"), item(key(steps=2), "b")
+    executor.submit([first])
+    executor.submit([second])
+    assert runners[0].started.wait(5) and runners[1].started.wait(5)  # both busy at once
+    for gate in gates:
+        gate.set()
+    assert {first.future.result(5), second.future.result(5)} == {"image:a:0", "image:b:0"}
+    executor.shutdown(5)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker dies on purpose
+def test_a_worker_that_dies_fails_its_items_and_the_queue_with_unavailable():
+    from batching import WorkerUnavailableError
+
+    class Dying(FakeRunner):
+        def run_batch(self, key, items, on_step):
+            raise SystemExit("killed")
+
+    deaths = []
+    executor = Executor([("only", Dying)], max_batch_size=1)
+    executor.on_unhealthy = lambda: deaths.append(True)
+    executor.start()
+    executor.wait_ready(5)
+    running, queued = item(key(), "running"), item(key(), "queued")
+    executor.submit([running, queued])
+    with pytest.raises(WorkerUnavailableError):
+        running.future.result(5)
+    with pytest.raises(WorkerUnavailableError):
+        queued.future.result(5)
+    assert deaths == [True] and not executor.healthy
+    with pytest.raises(WorkerUnavailableError):
+        executor.submit([item(key(), "late")])
