@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,9 @@ from .registry import ServedModel
 
 log = logging.getLogger(__name__)
 TEST_LOAD_DELAY_ENV = "DIFFUSERS_GRPC_TEST_LOAD_DELAY_S"
+# Loading is serialised: diffusers/accelerate build modules on the meta device through process-wide patches,
+# so two threads loading at once corrupt each other ("Cannot copy out of meta tensor").
+_LOAD_LOCK = threading.Lock()
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -71,7 +75,8 @@ def runner_factory(served: Sequence[ServedModel], device: str) -> RunnerFactory:
         runners = {}
         for model in served:
             log.info("loading %s on %s", model.tag, device)
-            runners[model.tag] = model.model.to_runner(device)
+            with _LOAD_LOCK:
+                runners[model.tag] = model.model.to_runner(device)
         return DiffusersBatchRunner(runners, device, warmup_batches(served))
 
     return build

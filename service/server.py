@@ -44,11 +44,13 @@ class BatchStats:
         self._lock = threading.Lock()
         self.sizes: Counter[int] = Counter()
         self.outcomes: Counter[str] = Counter()
+        self.workers: Counter[str] = Counter()
 
     def record(self, report: BatchReport) -> None:
         with self._lock:
             self.sizes[report.size] += 1
             self.outcomes[report.outcome] += 1
+            self.workers[report.worker] += 1
         log.debug("batch worker=%s size=%d run=%.1fms", report.worker, report.size, report.run_seconds * 1e3)
 
     @property
