@@ -36,7 +36,8 @@ class SignatureRunner:
 
     def run(self, **kwargs: Any) -> tuple[Any, ...]:
         """Run the method; a `BaseOutput` is turned into a tuple so results can cross process boundaries."""
-        kwargs.setdefault("return_dict", False) if _accepts(self.function, "return_dict") else None
+        if _accepts(self.function, "return_dict"):
+            kwargs.setdefault("return_dict", False)
         result = self.function(**kwargs)
         if isinstance(result, tuple):
             return result

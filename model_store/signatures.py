@@ -102,8 +102,3 @@ def _task_of(method: str, call_task: str, pipeline_class: type | None, class_nam
     if not has_method:
         raise InvalidSignatureError(f"signature {method!r}: {class_name} has no method {method!r}")
     return OTHER
-
-
-def needs_derivation(signature: Signature, pipeline_class: type) -> bool:
-    """True when the signature is a task the pipeline class lacks, to be derived with from_pipe."""
-    return signature.name in DERIVABLE_TASKS and not callable(getattr(pipeline_class, signature.name, None))

@@ -88,6 +88,7 @@ class DiffusionServer:
         self._metrics_http: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def _on_batch(self, report: BatchReport) -> None:
         self.stats.record(report)
@@ -162,6 +163,9 @@ class DiffusionServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: readiness NOT_SERVING, new calls UNAVAILABLE, queued and running work gets `grace` seconds to
         finish; what is left then fails with UNAVAILABLE. Liveness stays SERVING until the process exits."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.config.grace_seconds if grace is None else grace
         self.servicer.accepting = False
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)

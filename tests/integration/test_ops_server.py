@@ -51,6 +51,16 @@ def test_bearer_token_is_required_but_health_answers_without_it(store):
             assert [e.WhichOneof("event") for e in good.stream(request(), timeout=30)][-1] == "text_to_image"
 
 
+def test_a_full_queue_answers_resource_exhausted_at_once(store):
+    with running_server(store, max_queue=2) as (server, target), DiffusionClient(target) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.text_to_image("x", seed=1, steps=2, num_images=3, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in caught.value.details()
+        assert len(server.executor.queue) == 0  # all or nothing: no image of it was queued
+        assert client.text_to_image("x", seed=1, steps=2, num_images=2, timeout=30).images
+
+
 # --- TLS ------------------------------------------------------------------------------------------------------
 
 

@@ -268,3 +268,4 @@ def test_a_worker_that_dies_fails_its_items_and_the_queue_with_unavailable():
     assert deaths == [True] and not executor.healthy
     with pytest.raises(WorkerUnavailableError):
         executor.submit([item(key(), "late")])
+    executor.shutdown(5)  # joins the dead thread while this test's warning filter applies

@@ -29,6 +29,8 @@ def test_save_get_list_and_latest_across_versions(tmp_path, pipeline):
     third = store.save_model("m", pipeline, version="v3")
     assert store.get("m").tag == store.get("m:latest").tag == third.tag == "m:v3"
     assert store.get("m:v1").tag == first.tag
+    with pytest.raises(ModelNotFoundError, match="ambiguous"):
+        store.get("m:v")  # a prefix of all three
     assert [m.tag for m in store.list_models()] == ["m:v1", "m:v2", "m:v3"]
     store.delete("m:v3")
     assert store.get("m").tag == second.tag
@@ -72,6 +74,14 @@ def test_import_from_a_local_folder_copies_a_self_contained_model(tmp_path, pipe
     assert model.info.pipeline_class == "StableDiffusionPipeline"
     assert (model.path / "unet" / "config.json").is_file()
     assert not any(p.is_symlink() for p in model.path.rglob("*"))
+
+
+def test_get_accepts_a_unique_version_prefix(tmp_path, pipeline):
+    store = ModelStore(tmp_path)
+    model = store.save_model("m", pipeline)
+    other = store.save_model("m", pipeline, version="zz-pinned")
+    assert store.get(f"m:{model.version[:15]}").tag == model.tag
+    assert store.get("m:zz").tag == other.tag
 
 
 def test_existing_version_is_an_error_not_a_no_op(tmp_path, pipeline):
