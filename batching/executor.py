@@ -160,30 +160,37 @@ class Executor:
         items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
         if not items:
             return
+        waits = [w for item, w in zip(batch.items, batch.queue_wait) if item in items]
         started = self._clock()
-        outcome = "ok"
         try:
             results = runner.run_batch(batch.key, items, self._step_hook(items, started))
         except BaseException as exc:
-            outcome = "error"
+            # Report first: callers learn the outcome from their futures, and may read metrics right after.
+            self._report(name, batch.key, items, waits, self._clock() - started, "error")
             self._fail(name, runner, batch.key, items, exc)
-        else:
-            self.policy.observe(batch.key, len(items), self._clock() - started)
-            if len(results) != len(items):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(items)} items")
-            for item, result in zip(items, results):
-                if item.cancel_requested:  # the caller has gone; an interrupted call's output is partial anyway
-                    set_exception(item.future, ItemCancelledError("cancelled while running"))
-                else:
-                    set_result(item.future, result)
-            if all(item.cancel_requested for item in items):
-                outcome = "interrupted"
+            return
         run_seconds = self._clock() - started
-        waits = [w for item, w in zip(batch.items, batch.queue_wait) if item in items]
+        self.policy.observe(batch.key, len(items), run_seconds)
+        if len(results) != len(items):
+            raise RuntimeError(f"runner returned {len(results)} results for {len(items)} items")
+        interrupted = all(item.cancel_requested for item in items)
+        self._report(name, batch.key, items, waits, run_seconds, "interrupted" if interrupted else "ok")
+        for item, result in zip(items, results):
+            if item.cancel_requested:  # the caller has gone; an interrupted call's output is partial anyway
+                set_exception(item.future, ItemCancelledError("cancelled while running"))
+            else:
+                set_result(item.future, result)
+
+    def _report(
+        self, name: str, key: BatchKey, items: list[WorkItem], waits: list[float], run_seconds: float, outcome: str
+    ) -> None:
         for item, wait in zip(items, waits):
             item.trace.queue_wait, item.trace.run_seconds, item.trace.batch_size = wait, run_seconds, len(items)
         if self._on_batch is not None:
-            self._on_batch(BatchReport(name, batch.key, len(items), waits, run_seconds, outcome))
+            try:
+                self._on_batch(BatchReport(name, key, len(items), waits, run_seconds, outcome))
+            except Exception:  # observers must never break a worker
+                log.exception("batch observer failed")
 
     def _fail(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem], exc: BaseException) -> None:
         if not isinstance(exc, Exception):  # the worker itself is going down: its callers must not hang

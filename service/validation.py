@@ -79,43 +79,36 @@ def text_to_image(request: pb.TextToImageRequest, registry: ModelRegistry, limit
 
 
 def image_to_image(request: pb.ImageToImageRequest, registry: ModelRegistry, limits: Limits) -> Generation:
-    served = registry.resolve(request.model)
-    signature = served.signature_for(IMG2IMG)
-    bad = Violations()
-    image = _image(request.image, "image", limits, bad)
-    fields = _params(request.params, served, limits, bad, input_size=image.size if image else None)
-    strength = _strength(request, IMG2IMG, fields["num_inference_steps"], bad)
-    bad.raise_if_any()
-    return Generation(
-        served=served,
-        signature=signature,
-        task=IMG2IMG,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        strength=strength,
-        image=_resized(image, fields),
-        warnings=served.prompt_warnings(request.prompt, request.negative_prompt),
-        **fields,
-    )
+    return _image_task(IMG2IMG, request, None, registry, limits)
 
 
 def inpaint(request: pb.InpaintRequest, registry: ModelRegistry, limits: Limits) -> Generation:
+    return _image_task(INPAINT, request, request.mask_image, registry, limits)
+
+
+def _image_task(
+    task: str,
+    request: pb.ImageToImageRequest | pb.InpaintRequest,
+    proto_mask: pb.Image | None,
+    registry: ModelRegistry,
+    limits: Limits,
+) -> Generation:
+    """ImageToImage and Inpaint: an input image (and for inpainting a mask of its size) plus the common params."""
     served = registry.resolve(request.model)
-    signature = served.signature_for(INPAINT)
+    signature = served.signature_for(task)
     bad = Violations()
     image = _image(request.image, "image", limits, bad)
-    mask = _image(request.mask_image, "mask_image", limits, bad)
+    mask = _image(proto_mask, "mask_image", limits, bad) if proto_mask is not None else None
     if image is not None and mask is not None and image.size != mask.size:
-        bad.add(
-            "mask_image", f"must be the size of image, {image.width}x{image.height}, got {mask.width}x{mask.height}"
-        )
+        want, got = f"{image.width}x{image.height}", f"{mask.width}x{mask.height}"
+        bad.add("mask_image", f"must be the size of image, {want}, got {got}")
     fields = _params(request.params, served, limits, bad, input_size=image.size if image else None)
-    strength = _strength(request, INPAINT, fields["num_inference_steps"], bad)
+    strength = _strength(request, task, fields["num_inference_steps"], bad)
     bad.raise_if_any()
     return Generation(
         served=served,
         signature=signature,
-        task=INPAINT,
+        task=task,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         strength=strength,

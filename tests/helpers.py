@@ -80,6 +80,20 @@ def server_process(home: Path, args: Sequence[str] = (), env: dict[str, str] | N
         log.close()
 
 
+def bad_request_fields(error: grpc.RpcError) -> list[str]:
+    """The fields named by the google.rpc.BadRequest details of an error."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details if status else []:
+        request = error_details_pb2.BadRequest()
+        if detail.Unpack(request):
+            fields += [v.field for v in request.field_violations]
+    return fields
+
+
 def decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.int16)

@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import decode, health_status
+from helpers import bad_request_fields, decode, health_status
 from inprocess import running_server
-from test_api_tasks import fields_of, gradient, half_mask
+from test_api_tasks import gradient, half_mask
 
 from model_store import StoreError
 from service.client import DiffusionClient
@@ -74,7 +74,7 @@ def test_call_refuses_bad_arguments_naming_them(served, client, arguments, field
     with pytest.raises(grpc.RpcError) as caught:
         client.call("__call__", arguments)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in fields_of(caught.value)
+    assert field in bad_request_fields(caught.value)
     assert health_status(served[1]) == health_pb2.HealthCheckResponse.SERVING
 
 

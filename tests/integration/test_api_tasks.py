@@ -7,10 +7,8 @@ import io
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
-from helpers import decode, health_status
+from helpers import bad_request_fields, decode, health_status
 from inprocess import running_server
 from PIL import Image
 
@@ -50,16 +48,6 @@ def served(store):
 def client(served):
     with DiffusionClient(served[1]) as c:
         yield c
-
-
-def fields_of(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    found = []
-    for detail in status.details if status else []:
-        request = error_details_pb2.BadRequest()
-        if detail.Unpack(request):
-            found += [v.field for v in request.field_violations]
-    return found
 
 
 def test_image_to_image_returns_an_image_of_the_input_size(client):
@@ -162,7 +150,7 @@ def test_bad_inputs_get_invalid_argument_naming_the_field(served, client, call, 
     with pytest.raises(grpc.RpcError) as caught:
         call(client)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in fields_of(caught.value)
+    assert field in bad_request_fields(caught.value)
     assert health_status(served[1]) == health_pb2.HealthCheckResponse.SERVING
     assert client.text_to_image("still fine", seed=1, steps=2).images
 

@@ -182,7 +182,12 @@ def test_metrics_count_requests_and_fill_the_batch_histogram(store):
             list(pool.map(lambda s: client.stub.TextToImage(request(seed=s, steps=4), timeout=60), range(6)))
         with pytest.raises(grpc.RpcError):
             client.text_to_image("x", height=7)
-        after = scrape()
+        # The server counts an RPC just after its answer leaves, so scrape until the last one is in (bounded).
+        for _ in range(100):
+            after = scrape()
+            done = _metric(after, "diffusers_grpc_requests_total") - _metric(before, "diffusers_grpc_requests_total")
+            if done >= 7 and "diffusers_grpc_in_flight_requests 0.0" in after:
+                break
     ok = 'diffusers_grpc_requests_total{code="OK",model="%s",rpc="TextToImage"}'
     assert _metric(after, "diffusers_grpc_requests_total") - _metric(before, "diffusers_grpc_requests_total") == 7
     assert 'code="INVALID_ARGUMENT"' in after

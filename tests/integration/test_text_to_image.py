@@ -7,10 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
-from helpers import decode, health_status
+from helpers import bad_request_fields, decode, health_status
 from inprocess import running_server
 
 from service.client import DiffusionClient
@@ -83,16 +81,6 @@ def test_concurrent_requests_are_batched_and_each_image_matches_its_solo_run(ser
     assert max(size for size, n in new_sizes.items() if n > 0) > 1, f"no batch of more than one: {new_sizes}"
 
 
-def _details(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    fields = []
-    for detail in status.details if status else []:
-        request = error_details_pb2.BadRequest()
-        if detail.Unpack(request):
-            fields += [v.field for v in request.field_violations]
-    return fields
-
-
 def _call(client, **params):
     return client.stub.TextToImage(
         pb.TextToImageRequest(prompt="x", model=params.pop("model", ""), params=pb.GenerationParams(**params)),
@@ -119,7 +107,7 @@ def test_bad_parameters_get_invalid_argument_naming_the_field(served, client, pa
         _call(client, **params)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details()
-    assert field in _details(caught.value)
+    assert field in bad_request_fields(caught.value)
     assert health_status(served[1]) == health_pb2.HealthCheckResponse.SERVING
 
 
