@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ class ServedModel:
     model: Model
     defaults: PipelineDefaults
     tokenizer: Any = field(default=None, compare=False, repr=False)
+    # Fast tokenizers fail with "Already borrowed" when two threads use one at once (validation runs on a pool).
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: Model) -> ServedModel:
@@ -59,7 +62,11 @@ class ServedModel:
         limit = int(self.tokenizer.model_max_length)
         warnings = []
         for name, prompt in zip(("prompt", "negative_prompt"), prompts):
-            if prompt and (count := len(self.tokenizer(prompt, truncation=False).input_ids)) > limit:
+            if not prompt:
+                continue
+            with self._tokenizer_lock:
+                count = len(self.tokenizer(prompt, truncation=False).input_ids)
+            if count > limit:
                 warnings.append(f"{name} is {count} tokens; the text encoder reads the first {limit}, ignores the rest")
         return tuple(warnings)
 

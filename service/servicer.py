@@ -1,6 +1,7 @@
 """The DiffusionService servicer. Each method validates, submits work items, awaits them, and converts back.
 
-No model code runs on the event loop: pipelines run on executor workers, encoding on a thread pool.
+No model code runs on the event loop: pipelines run on executor workers; validation (which decodes input images)
+and output encoding run on a small thread pool.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         self.executor = executor
         self.limits = limits
         self.accepting = False  # set by the server once the models are warm
-        self._encoder = ThreadPoolExecutor(encode_threads, thread_name_prefix="encode")
+        self._encoder = ThreadPoolExecutor(encode_threads, thread_name_prefix="codec")
 
     def close(self) -> None:
         self._encoder.shutdown(wait=False)
@@ -96,36 +97,36 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def _text_to_image(
         self, request: pb.TextToImageRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.TextToImageResponse:
-        job = validation.text_to_image(request, self.registry, self.limits)
+        job = await self._off_loop(validation.text_to_image, request, self.registry, self.limits)
         images = await self._generate(job, context, on_progress)
         return pb.TextToImageResponse(model=job.served.tag, images=images, warnings=job.warnings)
 
     async def _image_to_image(
         self, request: pb.ImageToImageRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.ImageToImageResponse:
-        job = validation.image_to_image(request, self.registry, self.limits)
+        job = await self._off_loop(validation.image_to_image, request, self.registry, self.limits)
         images = await self._generate(job, context, on_progress)
         return pb.ImageToImageResponse(model=job.served.tag, images=images, warnings=job.warnings)
 
     async def _inpaint(
         self, request: pb.InpaintRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.InpaintResponse:
-        job = validation.inpaint(request, self.registry, self.limits)
+        job = await self._off_loop(validation.inpaint, request, self.registry, self.limits)
         images = await self._generate(job, context, on_progress)
         return pb.InpaintResponse(model=job.served.tag, images=images, warnings=job.warnings)
 
     async def _call(
         self, request: pb.CallRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.CallResponse:
-        job = validation.call(request, self.registry, self.limits)
+        job = await self._off_loop(validation.call, request, self.registry, self.limits)
         (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
-        return await self._encode(outputs.call_response, job, result)
+        return await self._off_loop(outputs.call_response, job, result)
 
     async def _generate(
         self, job: Generation, context: Context, on_progress: ProgressCallback | None
     ) -> list[pb.GeneratedImage]:
         results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
-        return await self._encode(outputs.generated_images, job, results)
+        return await self._off_loop(outputs.generated_images, job, results)
 
     async def _submit_and_wait(self, items: Sequence[WorkItem]) -> list[Any]:
         request = scope.get()
@@ -140,8 +141,9 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                 if not item.future.done():
                     item.cancel()
 
-    async def _encode(self, convert: Callable[..., Response], *args: Any) -> Response:
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, convert, *args)
+    async def _off_loop(self, work: Callable[..., Response], *args: Any) -> Response:
+        """Decoding and encoding images can take tens of ms: keep them off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, work, *args)
 
     # --- streaming -------------------------------------------------------------------------------------------
 
