@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,8 +74,9 @@ def test_health_probe_over_unix_socket_exits_0_1_and_2(store_home, tmp_path):
     process, target = start(store_home, "--uds", str(socket_path), env={TEST_LOAD_DELAY_ENV: "4"})
     probe = cli("health", "--uds", str(socket_path), "--timeout", "2")
     try:
-        while not socket_path.exists():
+        while not socket_path.exists():  # poll, as a probe would
             assert process.poll() is None
+            time.sleep(0.05)
         loading = subprocess.run(probe, capture_output=True, text=True, timeout=60)
         assert loading.returncode == 1 and "NOT_SERVING" in loading.stdout  # models still loading
         liveness = subprocess.run([*probe, "--service", ""], capture_output=True, text=True, timeout=60)

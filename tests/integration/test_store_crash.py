@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 from helpers import ROOT, cli
 
@@ -28,8 +29,9 @@ def test_an_import_killed_mid_write_leaves_no_visible_model(store, tmp_path):
     source = store.get("tiny-sd").path
     process = importer(home, source, "crashy", DIFFUSERS_GRPC_TEST_PAUSE_IN_STAGING=str(marker))
     try:
-        while not marker.exists():
+        while not marker.exists():  # poll until the writer announces it is inside its staging step
             assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(30)
