@@ -98,22 +98,27 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         self, request: pb.TextToImageRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.TextToImageResponse:
         job = await self._off_loop(validation.text_to_image, request, self.registry, self.limits)
-        images = await self._generate(job, context, on_progress)
-        return pb.TextToImageResponse(model=job.served.tag, images=images, warnings=job.warnings)
+        return pb.TextToImageResponse(**await self._task_reply(job, context, on_progress))
 
     async def _image_to_image(
         self, request: pb.ImageToImageRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.ImageToImageResponse:
         job = await self._off_loop(validation.image_to_image, request, self.registry, self.limits)
-        images = await self._generate(job, context, on_progress)
-        return pb.ImageToImageResponse(model=job.served.tag, images=images, warnings=job.warnings)
+        return pb.ImageToImageResponse(**await self._task_reply(job, context, on_progress))
 
     async def _inpaint(
         self, request: pb.InpaintRequest, context: Context, on_progress: ProgressCallback | None
     ) -> pb.InpaintResponse:
         job = await self._off_loop(validation.inpaint, request, self.registry, self.limits)
-        images = await self._generate(job, context, on_progress)
-        return pb.InpaintResponse(model=job.served.tag, images=images, warnings=job.warnings)
+        return pb.InpaintResponse(**await self._task_reply(job, context, on_progress))
+
+    async def _task_reply(
+        self, job: Generation, context: Context, on_progress: ProgressCallback | None
+    ) -> dict[str, Any]:
+        """The fields the three typed responses share: resolved tag, images, warnings."""
+        results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
+        images = await self._off_loop(outputs.generated_images, job, results)
+        return {"model": job.served.tag, "images": images, "warnings": job.warnings}
 
     async def _call(
         self, request: pb.CallRequest, context: Context, on_progress: ProgressCallback | None
@@ -121,12 +126,6 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         job = await self._off_loop(validation.call, request, self.registry, self.limits)
         (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
         return await self._off_loop(outputs.call_response, job, result)
-
-    async def _generate(
-        self, job: Generation, context: Context, on_progress: ProgressCallback | None
-    ) -> list[pb.GeneratedImage]:
-        results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
-        return await self._off_loop(outputs.generated_images, job, results)
 
     async def _submit_and_wait(self, items: Sequence[WorkItem]) -> list[Any]:
         request = scope.get()
