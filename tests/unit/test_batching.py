@@ -269,3 +269,15 @@ def test_a_worker_that_dies_fails_its_items_and_the_queue_with_unavailable():
     with pytest.raises(WorkerUnavailableError):
         executor.submit([item(key(), "late")])
     executor.shutdown(5)  # joins the dead thread while this test's warning filter applies
+
+
+def test_a_request_larger_than_the_batch_limit_is_split_across_calls():
+    runner = FakeRunner()
+    executor = Executor([("fake", lambda: runner)], max_batch_size=2)
+    items = [item(key(), f"p{i}", seed=40 + i) for i in range(5)]  # num_images=5: seeds seed, seed+1, ...
+    executor.submit(items)  # queued before the worker starts
+    executor.start()
+    executor.wait_ready(5)
+    assert [i.future.result(5) for i in items] == [f"image:p{i}:{40 + i}" for i in range(5)]
+    executor.shutdown(5)
+    assert [len(prompts) for _, prompts in runner.calls] == [2, 2, 1]
