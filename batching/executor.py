@@ -80,8 +80,6 @@ class Executor:
         self._factories = list(runner_factories)
         self._threads: list[threading.Thread] = []
         self._ready = threading.Semaphore(0)
-        self._lock = threading.Lock()
-        self._live = 0
         self._failed: list[BaseException] = []
         self._dead: set[str] = set()
         self.on_unhealthy: Callable[[], None] | None = None  # called from a worker thread that dies
@@ -224,24 +222,22 @@ class Executor:
             self._retry(name, runner, key, part)
 
     def _retry(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem]) -> None:
-        live = [item for item in items if not item.cancel_requested]
-        if not live:
-            for item in items:
+        """Run part of a failed batch again; a failure goes through the same handling as the first one."""
+        live = []
+        for item in items:
+            if item.cancel_requested:
                 set_exception(item.future, ItemCancelledError("cancelled while running"))
+            else:
+                live.append(item)
+        if not live:
             return
         try:
             results = runner.run_batch(key, live, self._step_hook(live, self._clock()))
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                self._split_after_oom(name, runner, key, live)
-            elif len(live) == 1:
-                set_exception(live[0].future, _classify(exc))
-            else:
-                for item in live:
-                    self._retry(name, runner, key, [item])
-        else:
-            for item, result in zip(live, results):
-                set_result(item.future, result)
+        except BaseException as exc:
+            self._fail(name, runner, key, live, exc)
+            return
+        for item, result in zip(live, results):
+            set_result(item.future, result)
 
     @staticmethod
     def _empty_device_cache() -> None:

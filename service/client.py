@@ -26,6 +26,15 @@ FORMATS = {
 }
 
 
+# request type -> (its unary method, its field in StreamRequest)
+_RPCS: dict[type, tuple[str, str]] = {
+    pb.TextToImageRequest: ("TextToImage", "text_to_image"),
+    pb.ImageToImageRequest: ("ImageToImage", "image_to_image"),
+    pb.InpaintRequest: ("Inpaint", "inpaint"),
+    pb.CallRequest: ("Call", "call"),
+}
+
+
 def params(
     *,
     seed: int | None = None,
@@ -171,15 +180,19 @@ class DiffusionClient:
         timeout: float | None = None,
     ) -> Iterator[pb.StreamResponse]:
         """Progress events, then the result, for any of the four request kinds."""
-        field = {
-            pb.TextToImageRequest: "text_to_image",
-            pb.ImageToImageRequest: "image_to_image",
-            pb.InpaintRequest: "inpaint",
-            pb.CallRequest: "call",
-        }[type(request)]
+        field = _RPCS[type(request)][1]
         wrapped = pb.StreamRequest(preview_every=preview_every)
         getattr(wrapped, field).CopyFrom(request)
         return self.stub.Stream(wrapped, timeout=timeout, metadata=self.metadata)  # type: ignore[no-any-return]
+
+    def send(
+        self,
+        request: pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest | pb.CallRequest,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send a prepared request to its unary RPC (the response type follows the request type)."""
+        return getattr(self.stub, _RPCS[type(request)][0])(request, timeout=timeout, metadata=self.metadata)
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata)

@@ -38,7 +38,7 @@ LIVENESS = ""
 
 
 class BatchStats:
-    """Counts batches by size: how tests and operators see that batching happened."""
+    """Counts batches by size, outcome and worker: how tests and operators see that batching happened."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -52,11 +52,6 @@ class BatchStats:
             self.outcomes[report.outcome] += 1
             self.workers[report.worker] += 1
         log.debug("batch worker=%s size=%d run=%.1fms", report.worker, report.size, report.run_seconds * 1e3)
-
-    @property
-    def max_size(self) -> int:
-        with self._lock:
-            return max(self.sizes, default=0)
 
 
 class DiffusionServer:
@@ -84,7 +79,6 @@ class DiffusionServer:
         if config.auth_token:
             interceptors.insert(0, TokenAuthInterceptor(config.auth_token))
         self.server = grpc.aio.server(options=config.grpc_options, interceptors=interceptors)
-        self.ports: list[int] = []
         self._metrics_http: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -118,7 +112,6 @@ class DiffusionServer:
         if self.config.uds:
             _remove_stale_socket(self.config.uds)
             self.server.add_insecure_port(f"unix:{self.config.uds}")  # local only: file permissions guard it
-        self.ports.append(port)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -185,9 +178,6 @@ class DiffusionServer:
         if self.config.uds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.uds)
-
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
 
 
 def _remove_stale_socket(path: str) -> None:

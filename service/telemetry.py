@@ -176,10 +176,7 @@ def _code_name(context: Any, kind: type[BaseException] | None) -> str:
         if kind is None:
             return "OK"
         return "CANCELLED" if kind.__name__ == "CancelledError" else "UNKNOWN"
-    name = getattr(code, "name", None)
-    if name is None:  # some grpcio versions report a bare int
-        name = grpc.StatusCode(code).name if isinstance(code, grpc.StatusCode) else str(code)
-    return str(name)
+    return str(getattr(code, "name", code))  # a grpc.StatusCode; anything else as it is
 
 
 class JsonFormatter(logging.Formatter):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -305,21 +306,10 @@ def _expected_types(parameter: inspect.Parameter | None) -> set[type]:
         default = parameter.default
         kind = type(default)
         return {kind} if kind in (int, float, str, bool) else set()
-    words = {w for w in _split_words(text)}
+    words = set(re.findall(r"\w+", text))  # the names in an annotation such as "int | list[str] | None"
     if words & {"Any", "Tensor", "Image", "ndarray", "PipelineImageInput", "Callable", "object"}:
         return set()
     types = {t for w, t in _TYPE_WORDS.items() if w in words}
     if float in types:
         types.add(int)  # a float parameter takes integral numbers too
     return types
-
-
-def _split_words(text: str) -> list[str]:
-    word, words = "", []
-    for char in text:
-        if char.isalnum() or char == "_":
-            word += char
-        else:
-            words.append(word)
-            word = ""
-    return [*words, word]

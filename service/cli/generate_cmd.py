@@ -76,17 +76,12 @@ def run(args: argparse.Namespace) -> int:
         if args.image is None:
             raise CliError("--strength needs --image")
         request.strength = args.strength
-    method = {
-        pb.TextToImageRequest: "TextToImage",
-        pb.ImageToImageRequest: "ImageToImage",
-        pb.InpaintRequest: "Inpaint",
-    }[type(request)]
     with DiffusionClient(args.target) as client:
         try:
             if args.progress:
                 response = _stream_with_bar(client, request, args.timeout)
             else:
-                response = getattr(client.stub, method)(request, timeout=args.timeout)
+                response = client.send(request, timeout=args.timeout)
         except grpc.RpcError as exc:
             raise CliError(f"{exc.code().name}: {exc.details()}") from None
     output = args.output or f"out.{'jpg' if args.format == 'jpeg' else args.format}"
