@@ -17,6 +17,7 @@ from .errors import (
     ModelExistsError,
     ModelNotFoundError,
     StoreError,
+    UntrustedCodeError,
 )
 from .model import LoadOptions, Model, ModelInfo
 from .signatures import Signature
@@ -36,6 +37,7 @@ __all__ = [
     "Signature",
     "StoreError",
     "Tag",
+    "UntrustedCodeError",
     "default_home",
     "delete",
     "export_model",
@@ -79,8 +81,8 @@ def export_model(tag: str, dest: str | os.PathLike[str]) -> Model:
     return export(ModelStore(), tag, dest)
 
 
-def import_archive(src: str | os.PathLike[str], *, overwrite: bool = False) -> Model:
+def import_archive(src: str | os.PathLike[str], *, overwrite: bool = False, trust_remote_code: bool = False) -> Model:
     """Import an archive (a local path or `s3://...`) into the default store, verifying every checksum."""
     from .archive import import_archive as load
 
-    return load(ModelStore(), src, overwrite=overwrite)
+    return load(ModelStore(), src, overwrite=overwrite, trust_remote_code=trust_remote_code)

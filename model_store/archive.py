@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from .errors import IntegrityError, StoreError
+from .custom import STORED_NAME as CUSTOM_FILE
+from .custom import stored_file
+from .errors import IntegrityError, StoreError, UntrustedCodeError
 from .files import sha256_file
 from .model import MODEL_FILE, Model, ModelInfo
 from .store import ModelStore
@@ -38,8 +40,14 @@ def export_model(store: ModelStore, tag: str, dest: str | os.PathLike[str]) -> M
     return model
 
 
-def import_archive(store: ModelStore, src: str | os.PathLike[str], *, overwrite: bool = False) -> Model:
-    """Import an archive made by `export_model`, verifying every member; the tag is kept as it was."""
+def import_archive(
+    store: ModelStore, src: str | os.PathLike[str], *, overwrite: bool = False, trust_remote_code: bool = False
+) -> Model:
+    """Import an archive made by `export_model`, verifying every member; the tag is kept as it was.
+
+    An archive whose model ships custom pipeline code is refused unless the operator passes
+    `trust_remote_code=True` (`--trust-remote-code`): what model.yaml says about trust is never read.
+    """
     staging = store.staging_folder("archive")
     try:
         with _open_read(str(src)) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
@@ -47,6 +55,13 @@ def import_archive(store: ModelStore, src: str | os.PathLike[str], *, overwrite:
                 _extract(tar, member, staging)
         info = _read_info(staging)
         _verify(staging, info)
+        if info.has_custom_code:
+            if not trust_remote_code:
+                raise UntrustedCodeError(
+                    f"{src} holds custom pipeline code ({CUSTOM_FILE}); import it only with --trust-remote-code "
+                    "(trust_remote_code=True) if you trust its author"
+                )
+            stored_file(staging, info.files, f"{info.name}:{info.version}")  # listed, and its checksum matches
         if not overwrite and (store.models_dir / info.name / info.version / MODEL_FILE).exists():
             raise StoreError(f"model {info.name}:{info.version} already exists (use overwrite to replace it)")
         return store.commit_staged(staging, info.name, info.version, overwrite=overwrite)

@@ -1,8 +1,12 @@
-"""Custom pipeline code from a local file, loaded only with explicit trust.
+"""Custom pipeline code from a local file, loaded only with explicit trust from the operator.
 
 We import the file ourselves (never through diffusers' dynamic modules, which may reach for the hub) and keep
 DIFFUSERS_DISABLE_REMOTE_CODE set, so nothing is fetched. The file is copied into the stored model as
 `pipeline.py`, so the stored copy is self-contained.
+
+Trust never comes from data: model.yaml only records *that* a model has code (`custom_pipeline: pipeline.py`),
+the code is always `<model folder>/pipeline.py` with its recorded sha256, and it runs only when the operator
+passes `--trust-remote-code` (import, import-archive, serve) or `trust_remote_code=True` in Python.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
+from .errors import IntegrityError, StoreError, UntrustedCodeError
 
 STORED_NAME = "pipeline.py"
 
@@ -35,10 +40,26 @@ def source_file(custom_pipeline: str | os.PathLike[str]) -> Path:
 
 def require_trust(custom_pipeline: Any, trust_remote_code: bool) -> None:
     if custom_pipeline is not None and not trust_remote_code:
-        raise StoreError(
+        raise UntrustedCodeError(
             f"custom_pipeline {str(custom_pipeline)!r} contains custom code: pass trust_remote_code=True "
             "(--trust-remote-code) if you trust it"
         )
+
+
+def stored_file(folder: Path, files: Mapping[str, Mapping[str, Any]], tag: str) -> Path:
+    """The custom code of a stored model: always `pipeline.py` inside its folder, checked against its sha256.
+
+    Whatever path model.yaml names is ignored: a stored model runs only the file it was imported with.
+    """
+    from .files import sha256_file
+
+    entry = files.get(STORED_NAME)
+    path = folder / STORED_NAME
+    if entry is None or not path.is_file():
+        raise IntegrityError(f"{tag}: model.yaml says the model has custom code, but it holds no listed {STORED_NAME}")
+    if sha256_file(path) != entry.get("sha256"):
+        raise IntegrityError(f"{tag}: {STORED_NAME} does not match its recorded sha256")
+    return path
 
 
 def load_class(path: Path, class_name: str | None = None) -> type:

@@ -23,3 +23,7 @@ class InvalidSignatureError(StoreError, ValueError):
 
 class IntegrityError(StoreError):
     """Stored files do not match the checksums recorded in model.yaml."""
+
+
+class UntrustedCodeError(StoreError):
+    """A model ships custom pipeline code and the operator has not said to trust it."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import IntegrityError, StoreError
+from .errors import IntegrityError, StoreError, UntrustedCodeError
 from .signatures import Signature
 
 if TYPE_CHECKING:
@@ -36,6 +36,11 @@ class ModelInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def has_custom_code(self) -> bool:
+        """Whether the model was imported with custom pipeline code (which needs the operator's trust)."""
+        return bool(self.options.get("custom_pipeline"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,7 +149,8 @@ class Model:
 
         import diffusers
 
-        from .custom import load_class, require_trust, source_file
+        from .custom import STORED_NAME as CUSTOM_FILE
+        from .custom import load_class, require_trust, source_file, stored_file
 
         opts = self.options
         if opts.custom_pipeline:
@@ -155,11 +161,15 @@ class Model:
         if opts.pipeline_class and "." in opts.pipeline_class:
             module, _, name = opts.pipeline_class.rpartition(".")
             return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
-        stored = self.info.options
-        if stored.get("custom_pipeline"):
-            # Trust was given, and recorded, when this model was imported with its code.
-            require_trust(stored["custom_pipeline"], bool(stored.get("trust_remote_code")))
-            return load_class(self.path / str(stored["custom_pipeline"]), self.info.pipeline_class)
+        if self.info.has_custom_code:
+            # Trust comes from the operator at load time, never from model.yaml; the code is always the
+            # model's own pipeline.py, checked against its sha256, whatever path model.yaml names.
+            if not opts.trust_remote_code:
+                raise UntrustedCodeError(
+                    f"{self.tag} ships custom pipeline code ({CUSTOM_FILE}); it runs only when the operator "
+                    "trusts it: serve --trust-remote-code (Python: with_options(trust_remote_code=True))"
+                )
+            return load_class(stored_file(self.path, self.info.files, self.tag), self.info.pipeline_class)
         name = opts.pipeline_class or self.info.pipeline_class
         return getattr(diffusers, name, None) or diffusers.DiffusionPipeline  # type: ignore[no-any-return]
 

@@ -134,7 +134,7 @@ class ModelStore:
 
         options: dict[str, Any] = {"variant": variant}
         if custom_file is not None:
-            options.update(custom_pipeline=CUSTOM_FILE, trust_remote_code=True)
+            options["custom_pipeline"] = CUSTOM_FILE  # a fact about the model; trust is never recorded
         return self._publish(name, fill, class_name, signatures, labels, metadata, version, options, custom_class)
 
     def save_model(

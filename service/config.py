@@ -41,6 +41,7 @@ class ServerConfig:
     log_format: str = "text"
     log_level: str = "INFO"
     reflection: bool = True
+    trust_remote_code: bool = False  # run the custom pipeline code a served model ships (the operator's call)
     max_image_size: int = 2048
     max_steps: int = 150
     max_images: int = 16

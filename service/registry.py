@@ -31,6 +31,7 @@ class ServedModel:
 
     @classmethod
     def of(cls, model: Model) -> ServedModel:
+        model.pipeline_type()  # fails now, before any port opens, for an unknown class or untrusted code
         return cls(model, read_pipeline_defaults(model.path), _load_tokenizer(model))
 
     @property

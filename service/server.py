@@ -67,7 +67,8 @@ class DiffusionServer:
         self.store = store or ModelStore()
         self.stats = BatchStats()
         self.metrics = Metrics()
-        served = [ServedModel.of(self.store.get(tag)) for tag in config.tags]
+        trust = config.trust_remote_code  # the operator's word, never the model's
+        served = [ServedModel.of(self.store.get(tag).with_options(trust_remote_code=trust)) for tag in config.tags]
         self.registry = ModelRegistry(served)
         self.executor = build_executor(config, served, self._on_batch, factory)  # type: ignore[arg-type]
         self.executor.on_unhealthy = self._on_worker_death

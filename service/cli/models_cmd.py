@@ -65,6 +65,9 @@ def register(commands: Any) -> None:
     archive = sub.add_parser("import-archive", help="import a model archive (a path or s3://bucket/key)")
     archive.add_argument("src")
     archive.add_argument("--overwrite", action="store_true", help="replace the model if its tag exists")
+    archive.add_argument(
+        "--trust-remote-code", action="store_true", help="accept an archive whose model ships custom pipeline code"
+    )
     archive.set_defaults(run=import_archive)
 
     deleter = sub.add_parser("delete", help="delete a model version")
@@ -159,7 +162,9 @@ def export_model(args: argparse.Namespace) -> int:
 def import_archive(args: argparse.Namespace) -> int:
     from model_store.archive import import_archive as load
 
-    model = _store_call(lambda: load(ModelStore(), args.src, overwrite=args.overwrite))
+    model = _store_call(
+        lambda: load(ModelStore(), args.src, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    )
     print(f"imported {model.tag} from {args.src}")
     return 0
 

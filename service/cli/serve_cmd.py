@@ -67,6 +67,13 @@ def register(commands: Any) -> None:
         default=None,
         help=f"disable server reflection [env {env_name('reflection')}=false]",
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        default=None,
+        help=f"run the custom pipeline code a served model ships [env {env_name('trust_remote_code')}=true]",
+    )
     parser.set_defaults(run=run)
 
 
@@ -82,5 +89,10 @@ def run(args: argparse.Namespace) -> int:
     from ..telemetry import configure_logging
 
     configure_logging(config.log_format, config.log_level)
-    asyncio.run(serve(config))
+    from model_store import StoreError
+
+    try:
+        asyncio.run(serve(config))
+    except StoreError as exc:  # a model that cannot be served: say which and why, no traceback
+        raise CliError(f"cannot serve: {exc}") from None
     return 0

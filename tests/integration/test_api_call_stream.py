@@ -36,7 +36,10 @@ def custom_tag(store):
 
 @pytest.fixture(scope="module")
 def served(store, custom_tag):
-    with running_server(store, tags=("tiny-sd", custom_tag), max_batch_size=8) as (server, target):
+    with running_server(store, tags=("tiny-sd", custom_tag), max_batch_size=8, trust_remote_code=True) as (
+        server,
+        target,
+    ):
         yield server, target
 
 
