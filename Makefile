@@ -37,7 +37,7 @@ unit: install
 lint: install check-protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service model_store batching
+	$(VENV)/bin/mypy service model_store batching pipelines
 	@if [ -x node_modules/.bin/buf ]; then node_modules/.bin/buf lint && echo "buf lint: ok"; fi
 
 protos: $(STAMP)

@@ -27,3 +27,7 @@ class OutOfMemoryError(BatchingError):
 
 class InvalidInputError(BatchingError):
     """The pipeline rejected the item's input (a ValueError or TypeError raised for this item alone)."""
+
+
+class ResultMismatchError(BatchingError):
+    """A backend returned results that do not fit its items (a bug in our code): exactly those items fail."""

@@ -1,7 +1,12 @@
-"""The executor: one worker thread per device replica, each taking batches from a shared queue.
+"""The executor: one worker thread per device replica, each taking work from a shared queue.
 
-Each worker builds its own runner (its own pipeline replica and schedulers) inside its thread, because
-diffusers schedulers are stateful and must never be shared across threads.
+Each worker builds its own backend (its own pipeline replica and schedulers) inside its thread, because
+diffusers schedulers are stateful and must never be shared across threads. A worker runs two kinds of work:
+- request batches (`WorkKind.TASK`, `WorkKind.CALL`): one whole pipeline call per batch (`Backend.run_batch`);
+- step work (`WorkKind.STEP`), when its backend has a step engine: items join a running denoising batch and
+  leave it at step boundaries. The worker loop below admits items between ticks (`StepBackend.join`) and runs
+  one tick at a time (`StepBackend.tick`), so a free slot is refilled at the next step, not the next request.
+Futures are resolved, progress is fanned out and the cost model is fed here, in one place, whatever the kind.
 """
 
 from __future__ import annotations
@@ -9,9 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import (
     DeadlineExceededError,
@@ -20,18 +25,22 @@ from .errors import (
     OutOfMemoryError,
     WorkerUnavailableError,
 )
-from .items import BatchKey, StepEvent, WorkItem, set_exception, set_result
+from .items import BatchKey, StepEvent, WorkItem, WorkKind, set_exception, set_result
 from .policy import BatchPolicy
 from .queue import Batch, BatchQueue, Clock
+from .results import check_results
 
 log = logging.getLogger(__name__)
 
-StepHook = Callable[[int, int, Any], bool]
-"""Called by a runner after each step with (step, total, batch latents or None); returns False to interrupt."""
+
+class StepHook(Protocol):
+    """Called by a backend after each denoising step of a request-batched call; returns False to interrupt."""
+
+    def __call__(self, step: int, total: int, latents: Any = None) -> bool: ...
 
 
-class BatchRunner(Protocol):
-    """Runs batches on one device replica. Called only from its worker's thread."""
+class Backend(Protocol):
+    """What one worker runs work on: its device's replica of every served model. Called only from its thread."""
 
     def warmup(self) -> None:
         """Run once before the worker takes work, so the first request does not pay for lazy init."""
@@ -40,27 +49,63 @@ class BatchRunner(Protocol):
         """Run the items as one call; return one result per item, in order. Raise to fail the whole call."""
 
 
-RunnerFactory = Callable[[], BatchRunner]
+@dataclass
+class Tick:
+    """What one denoising step of the step engine did."""
+
+    group: Hashable  # the active set that ran (its cost is learned per group)
+    rows: int  # rows in the denoiser call
+    seconds: float  # time of the whole tick, joins' preparation excluded
+    progress: list[tuple[WorkItem, StepEvent]] = field(default_factory=list)
+    finished: list[tuple[WorkItem, Any]] = field(default_factory=list)  # results of items that left
+    failed: list[tuple[WorkItem, BaseException]] = field(default_factory=list)  # items that left with an error
+    evicted: list[WorkItem] = field(default_factory=list)  # items put back in the queue (out of memory)
+    out_of_memory: bool = False  # the tick ran out of memory at `rows`: lower the group's row budget
+
+
+@runtime_checkable
+class StepBackend(Protocol):
+    """A backend with a step engine: continuous batching at denoising-step boundaries."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether any item is in the middle of its denoising."""
+
+    def step_load(self, key: BatchKey) -> tuple[Hashable, int, int]:
+        """(group, items, rows) of the active set that items of `key` would join."""
+
+    def join(self, key: BatchKey, items: Sequence[WorkItem]) -> list[tuple[WorkItem, BaseException]]:
+        """Prepare items to join at the next tick (prompts encoded together); returns those that failed."""
+
+    def tick(self) -> Tick:
+        """Run one denoising step of one active set; items whose last step it was leave."""
+
+    def abandon(self) -> list[WorkItem]:
+        """Drop every active item (after a bug in the engine); returns them so their callers can be told."""
+
+
+BackendFactory = Callable[[], Backend]
 
 
 @dataclass(frozen=True)
 class BatchReport:
-    """What happened to one batch, for metrics and the benchmark."""
+    """What happened to one pipeline call or one tick, for metrics and the benchmark."""
 
     worker: str
-    key: BatchKey
-    size: int
+    key: BatchKey | None  # None for a tick, which can mix signatures
+    size: int  # items (request batches) or rows (ticks)
     queue_wait: Sequence[float]
     run_seconds: float
-    outcome: str  # "ok", "error", "interrupted"
+    outcome: str  # "ok", "error", "interrupted", "tick"
+    model: str = ""
 
 
 class Executor:
-    """Queues work items and runs them in batches on per-device worker threads."""
+    """Queues work items and runs them on per-device worker threads."""
 
     def __init__(
         self,
-        runner_factories: Sequence[tuple[str, RunnerFactory]],
+        backend_factories: Sequence[tuple[str, BackendFactory]],
         *,
         max_batch_size: int = 8,
         max_queue: int = 256,
@@ -68,7 +113,7 @@ class Executor:
         clock: Clock = time.monotonic,
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
-        if not runner_factories:
+        if not backend_factories:
             raise ValueError("the executor needs at least one worker")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -77,7 +122,7 @@ class Executor:
         self.queue = BatchQueue(max_queue, clock, self.policy)
         self._clock = clock
         self._on_batch = on_batch
-        self._factories = list(runner_factories)
+        self._factories = list(backend_factories)
         self._threads: list[threading.Thread] = []
         self._ready = threading.Semaphore(0)
         self._failed: list[BaseException] = []
@@ -93,7 +138,7 @@ class Executor:
             thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until every worker has built and warmed its runner; raise if one failed."""
+        """Block until every worker has built and warmed its backend; raise if one failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for _ in self._threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -122,7 +167,7 @@ class Executor:
         when a deadline is shorter than a call of this kind is known to take."""
         if not self.healthy and self._threads:
             raise WorkerUnavailableError("no live worker")
-        if items and items[0].deadline is not None:
+        if items and items[0].deadline is not None and items[0].key.kind is not WorkKind.STEP:
             estimate = self.policy.estimate(items[0].key, 1)
             left = items[0].deadline - self._clock()
             if estimate is not None and left < estimate:
@@ -131,10 +176,10 @@ class Executor:
 
     # --- workers -------------------------------------------------------------------------------------------
 
-    def _work(self, name: str, factory: RunnerFactory) -> None:
+    def _work(self, name: str, factory: BackendFactory) -> None:
         try:
-            runner = factory()
-            runner.warmup()
+            backend = factory()
+            backend.warmup()
         except BaseException as exc:
             log.exception("worker %s failed to start", name)
             self._failed.append(exc)
@@ -142,8 +187,7 @@ class Executor:
             return
         self._ready.release()
         try:
-            while (batch := self.queue.take(self.max_batch_size)) is not None:
-                self._run(name, runner, batch)
+            self._serve(name, backend)
         except BaseException:
             log.exception("worker %s died", name)
             self._dead.add(name)
@@ -154,43 +198,69 @@ class Executor:
                 self.on_unhealthy()
             raise
 
-    def _run(self, name: str, runner: BatchRunner, batch: Batch) -> None:
+    def _serve(self, name: str, backend: Backend) -> None:
+        """The worker loop: take work (blocking only when nothing is denoising), run it, then tick."""
+        stepper = backend if isinstance(backend, StepBackend) else None
+        while True:
+            busy = stepper is not None and stepper.busy
+            batch = self.queue.take(lambda key: self._room(stepper, key), block=not busy)
+            if batch is not None and batch.key.kind is WorkKind.STEP and stepper is not None:
+                self._join(name, stepper, batch)
+            elif batch is not None:
+                self._run(name, backend, batch)
+            elif not busy:
+                return  # closed and drained
+            if stepper is not None and stepper.busy:
+                self._tick(name, stepper)
+
+    def _room(self, stepper: StepBackend | None, key: BatchKey) -> int:
+        """How many items of `key` a worker may take now."""
+        if key.kind is not WorkKind.STEP:
+            return 1 if not key.batchable else min(self.max_batch_size, self.policy.limit(key, self._clock()))
+        if stepper is None:
+            return 0
+        group, items, rows = stepper.step_load(key)
+        budget = self.policy.row_budget(group, self._clock())
+        # Each joining item may bring two rows (classifier-free guidance); one item always fits an empty set.
+        by_rows = max(0, (budget - rows) // 2) if items else max(1, budget // 2)
+        return max(0, min(self.max_batch_size - items, by_rows))
+
+    # --- request batches -----------------------------------------------------------------------------------
+
+    def _run(self, name: str, backend: Backend, batch: Batch) -> None:
+        waits = {id(item): wait for item, wait in zip(batch.items, batch.queue_wait)}
         items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
-        if not items:
+        for item in items:
+            item.trace.queue_wait = waits[id(item)]
+        self._attempt(name, backend, batch.key, items)
+
+    def _attempt(self, name: str, backend: Backend, key: BatchKey, items: list[WorkItem]) -> None:
+        """Run items as one call. The first run and every retry come here, so each is checked and observed alike:
+        results must fit the items, and only a completed, uninterrupted call teaches the cost model."""
+        live = self._drop_cancelled(items)
+        if not live:
             return
-        waits = [w for item, w in zip(batch.items, batch.queue_wait) if item in items]
         started = self._clock()
+        progress = _Progress(live, started, self._clock)
         try:
-            results = runner.run_batch(batch.key, items, self._step_hook(items, started))
+            results = backend.run_batch(key, live, progress)
+            check_results(key.kind, live, results)
         except BaseException as exc:
             # Report first: callers learn the outcome from their futures, and may read metrics right after.
-            self._report(name, batch.key, items, waits, self._clock() - started, "error")
-            self._fail(name, runner, batch.key, items, exc)
+            self._report(name, key, live, started, "error")
+            self._fail(name, backend, key, live, exc)
             return
-        run_seconds = self._clock() - started
-        self.policy.observe(batch.key, len(items), run_seconds)
-        if len(results) != len(items):
-            raise RuntimeError(f"runner returned {len(results)} results for {len(items)} items")
-        interrupted = all(item.cancel_requested for item in items)
-        self._report(name, batch.key, items, waits, run_seconds, "interrupted" if interrupted else "ok")
-        for item, result in zip(items, results):
+        finished = self._clock()
+        if not progress.interrupted:
+            self.policy.observe(key, len(live), finished - started)
+        self._report(name, key, live, started, "interrupted" if progress.interrupted else "ok")
+        for item, result in zip(live, results):
             if item.cancel_requested:  # the caller has gone; an interrupted call's output is partial anyway
                 set_exception(item.future, ItemCancelledError("cancelled while running"))
             else:
                 set_result(item.future, result)
 
-    def _report(
-        self, name: str, key: BatchKey, items: list[WorkItem], waits: list[float], run_seconds: float, outcome: str
-    ) -> None:
-        for item, wait in zip(items, waits):
-            item.trace.queue_wait, item.trace.run_seconds, item.trace.batch_size = wait, run_seconds, len(items)
-        if self._on_batch is not None:
-            try:
-                self._on_batch(BatchReport(name, key, len(items), waits, run_seconds, outcome))
-            except Exception:  # observers must never break a worker
-                log.exception("batch observer failed")
-
-    def _fail(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem], exc: BaseException) -> None:
+    def _fail(self, name: str, backend: Backend, key: BatchKey, items: list[WorkItem], exc: BaseException) -> None:
         if not isinstance(exc, Exception):  # the worker itself is going down: its callers must not hang
             for item in items:
                 set_exception(item.future, WorkerUnavailableError(f"worker {name} died"))
@@ -200,67 +270,139 @@ class Executor:
                 set_exception(item.future, ItemCancelledError("cancelled while running"))
             return
         if is_out_of_memory(exc):
-            self._split_after_oom(name, runner, key, items)
+            self._split_after_oom(name, backend, key, items)
             return
-        if len(items) == 1:
-            set_exception(items[0].future, _classify(exc))
+        if len(items) == 1 or not _retryable(exc):
+            for item in items:
+                set_exception(item.future, _classify(exc))
             return
         log.warning("worker %s: batch of %d failed (%r); retrying items alone", name, len(items), exc)
         for item in items:  # failure isolation: only an item that fails alone gets the error
-            self._retry(name, runner, key, [item])
+            self._attempt(name, backend, key, [item])
 
-    def _split_after_oom(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem]) -> None:
+    def _split_after_oom(self, name: str, backend: Backend, key: BatchKey, items: list[WorkItem]) -> None:
         """Out of memory: lower the key's batch limit for a while and run the batch in halves (recursively)."""
         self.policy.out_of_memory(key, len(items), self._clock())
         if len(items) == 1:
             set_exception(items[0].future, OutOfMemoryError("out of device memory even for a single image"))
             return
         log.warning("worker %s: out of memory at batch %d; splitting", name, len(items))
-        self._empty_device_cache()
+        empty_device_cache()
         half = len(items) // 2
         for part in (items[:half], items[half:]):
-            self._retry(name, runner, key, part)
+            self._attempt(name, backend, key, part)
 
-    def _retry(self, name: str, runner: BatchRunner, key: BatchKey, items: list[WorkItem]) -> None:
-        """Run part of a failed batch again; a failure goes through the same handling as the first one."""
+    # --- step work -----------------------------------------------------------------------------------------
+
+    def _join(self, name: str, stepper: StepBackend, batch: Batch) -> None:
+        waits = {id(item): wait for item, wait in zip(batch.items, batch.queue_wait)}
+        items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
+        now = self._clock()
+        for item in items:
+            item.trace.queue_wait, item.trace.started = waits[id(item)], now
+        try:
+            failures = stepper.join(batch.key, items)
+        except Exception as exc:  # a bug in the engine's preparation: these items fail, the worker goes on
+            log.exception("worker %s: step engine failed to admit %d items", name, len(items))
+            failures = [(item, exc) for item in items]
+        for item, error in failures:
+            set_exception(item.future, _classify(error))
+
+    def _tick(self, name: str, stepper: StepBackend) -> None:
+        try:
+            tick = stepper.tick()
+        except Exception as exc:  # a bug in the engine's loop: fail what it held, keep the worker serving
+            log.exception("worker %s: step engine failed; failing its active items", name)
+            for item in stepper.abandon():
+                set_exception(item.future, exc)
+            return
+        now = self._clock()
+        if tick.out_of_memory:
+            self.policy.out_of_memory(tick.group, tick.rows, now)
+            empty_device_cache()
+        elif tick.rows and not tick.failed:
+            self.policy.observe(tick.group, tick.rows, tick.seconds)
+        if tick.evicted:
+            self.queue.put_back(tick.evicted)
+        for item, event in tick.progress:
+            _send_progress(item, event)
+        for item, _ in tick.finished + tick.failed:
+            item.trace.finished, item.trace.batch_size = now, max(item.trace.batch_size, tick.rows)
+        if tick.rows:
+            self._emit(BatchReport(name, None, tick.rows, (), tick.seconds, "tick", _model_of(tick)))
+        for item, result in tick.finished:
+            set_result(item.future, result)
+        for item, error in tick.failed:
+            set_exception(item.future, _classify(error))
+
+    # --- shared --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _drop_cancelled(items: list[WorkItem]) -> list[WorkItem]:
         live = []
         for item in items:
             if item.cancel_requested:
                 set_exception(item.future, ItemCancelledError("cancelled while running"))
             else:
                 live.append(item)
-        if not live:
-            return
+        return live
+
+    def _report(self, name: str, key: BatchKey, items: list[WorkItem], started: float, outcome: str) -> None:
+        finished = self._clock()
+        for item in items:
+            item.trace.started, item.trace.finished, item.trace.batch_size = started, finished, len(items)
+        waits = [item.trace.queue_wait for item in items]
+        self._emit(BatchReport(name, key, len(items), waits, finished - started, outcome, key.model))
+
+    def _emit(self, report: BatchReport) -> None:
+        if self._on_batch is not None:
+            try:
+                self._on_batch(report)
+            except Exception:  # observers must never break a worker
+                log.exception("batch observer failed")
+
+
+class _Progress:
+    """The step hook of one request-batched call: progress events per item, and an interrupt once every item
+    has been cancelled. Remembers whether it interrupted, so a cut-short call never teaches the cost model."""
+
+    def __init__(self, items: Sequence[WorkItem], started: float, clock: Clock) -> None:
+        self.items = items
+        self.started = started
+        self.clock = clock
+        self.interrupted = False
+
+    def __call__(self, step: int, total: int, latents: Any = None) -> bool:
+        per_item = latents is not None and getattr(latents, "shape", (0,))[0] == len(self.items)
+        elapsed = self.clock() - self.started
+        for index, item in enumerate(self.items):
+            _send_progress(item, StepEvent(step, total, elapsed, latents[index] if per_item else None))
+        if all(item.cancel_requested for item in self.items):
+            self.interrupted = True
+        return not self.interrupted
+
+
+def _send_progress(item: WorkItem, event: StepEvent) -> None:
+    if item.on_progress is not None and not item.cancel_requested:
         try:
-            results = runner.run_batch(key, live, self._step_hook(live, self._clock()))
-        except BaseException as exc:
-            self._fail(name, runner, key, live, exc)
-            return
-        for item, result in zip(live, results):
-            set_result(item.future, result)
+            item.on_progress(event)
+        except Exception:
+            log.exception("progress callback failed")
 
-    @staticmethod
-    def _empty_device_cache() -> None:
-        import sys
 
-        torch = sys.modules.get("torch")  # only if the runner uses torch: batching never imports it
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+def _model_of(tick: Tick) -> str:
+    for item, _ in tick.finished or tick.failed or tick.progress:
+        return item.key.model
+    return ""
 
-    def _step_hook(self, items: Sequence[WorkItem], started: float) -> StepHook:
-        def on_step(step: int, total: int, latents: Any = None) -> bool:
-            per_item = latents is not None and getattr(latents, "shape", (0,))[0] == len(items)
-            elapsed = self._clock() - started
-            for index, item in enumerate(items):
-                if item.on_progress is not None and not item.cancel_requested:
-                    event = StepEvent(step, total, elapsed, latents[index] if per_item else None)
-                    try:
-                        item.on_progress(event)
-                    except Exception:
-                        log.exception("progress callback failed")
-            return not all(item.cancel_requested for item in items)
 
-        return on_step
+def empty_device_cache() -> None:
+    """Release cached device memory after an out-of-memory error (only if the backend uses torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")  # batching never imports torch itself
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -268,6 +410,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(kind.__name__ == "OutOfMemoryError" for kind in type(exc).__mro__) and not isinstance(
         exc, OutOfMemoryError
     )
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A result mismatch is our own bug, the same however the items are grouped: never retried."""
+    from .errors import ResultMismatchError
+
+    return not isinstance(exc, ResultMismatchError)
 
 
 def _classify(exc: BaseException) -> BaseException:

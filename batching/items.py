@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class WorkKind(enum.Enum):
+    """What kind of work a batch is: how the worker's backend runs it, and what each item's result is."""
+
+    TASK = "task"  # a typed task (text2img, img2img, inpaint): one pipeline call per batch, an ItemOutput each
+    CALL = "call"  # a generic Call of a signature by name: one call per batch, a CallOutput each
+    STEP = "step"  # a typed task run by the step engine: items join and leave at denoising steps, ItemOutputs
 
 
 @dataclass(frozen=True)
@@ -28,13 +37,15 @@ ProgressCallback = Callable[[StepEvent], None]
 class BatchKey:
     """Items with equal keys may run in one pipeline call.
 
-    `params` holds every argument the pipeline takes as one value for the whole call (size, steps, guidance,
-    scheduler...), as sorted (name, value) pairs so the key is hashable. `group` holds values that must also
-    match but are not call arguments (the input image size: diffusers would silently resize mismatched inputs).
+    `kind` says how the batch runs. `params` holds every argument the pipeline takes as one value for the whole
+    call (size, steps, guidance, scheduler...), as sorted (name, value) pairs so the key is hashable. `group`
+    holds values that must also match but are not call arguments (the input image size: diffusers would
+    silently resize mismatched inputs).
     """
 
     model: str
     signature: str
+    kind: WorkKind = WorkKind.TASK
     params: tuple[tuple[str, Hashable], ...] = ()
     batchable: bool = True
     batch_dim: int = 0
@@ -47,6 +58,7 @@ class BatchKey:
         signature: str,
         params: Mapping[str, Hashable],
         *,
+        kind: WorkKind = WorkKind.TASK,
         batchable: bool = True,
         batch_dim: int = 0,
         group: Mapping[str, Hashable] | None = None,
@@ -54,6 +66,7 @@ class BatchKey:
         return cls(
             model,
             signature,
+            kind,
             tuple(sorted(params.items())),
             batchable,
             batch_dim,
@@ -82,11 +95,20 @@ class Frozen:
 
 @dataclass
 class ItemTrace:
-    """What happened to an item, filled in by its worker: for request logs and metrics."""
+    """What happened to an item, filled in by its worker: for request logs and metrics.
+
+    `started` and `finished` are the executor clock's times of the item's (last) run, so a request's run time
+    is the span of its items' runs, not their sum.
+    """
 
     queue_wait: float = 0.0  # seconds
-    run_seconds: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
     batch_size: int = 0
+
+    @property
+    def run_seconds(self) -> float:
+        return max(0.0, self.finished - self.started)
 
 
 @dataclass(frozen=True, eq=False)

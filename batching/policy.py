@@ -20,6 +20,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 FORGET = 0.9  # weight kept by past observations at each new one
+PAYING_ROWS = 9.0  # a tick may hold up to PAYING_ROWS * fixed / per_row rows: the last doubling still pays 10%
 RATE_WEIGHT = 0.2  # weight of the newest inter-arrival gap
 OOM_COOLDOWN = 60.0  # seconds a lowered batch limit holds
 
@@ -109,9 +110,30 @@ class BatchPolicy:
         with self._lock:
             self._limits[key] = (max(1, size // 2), now + OOM_COOLDOWN)
 
-    def wait_until(self, key: Hashable, queued: int, oldest_arrival: float, now: float) -> float | None:
+    def row_budget(self, group: Hashable, now: float) -> int:
+        """How many rows one step-engine tick of `group` may hold.
+
+        At most two per item of `max_batch_size` (classifier-free guidance), fewer for a while after an
+        out-of-memory, and fewer where the learned tick cost says more rows no longer pay: with t(r) = fixed +
+        per_row * r, doubling the rows to r still gains >= 10% throughput only while r <= 9 * fixed / per_row.
+        """
+        budget = 2 * self.max_batch_size
+        with self._lock:
+            lowered = self._limits.get(group)
+            fit = self._costs.get(group)
+            line = fit.line() if fit else None
+        if lowered is not None and now < lowered[1]:
+            budget = min(budget, lowered[0])
+        if line is not None and line[1] > 0:
+            budget = min(budget, max(2, int(PAYING_ROWS * line[0] / line[1])))
+        return budget
+
+    def wait_until(
+        self, key: Hashable, queued: int, oldest_arrival: float, now: float, room: int | None = None
+    ) -> float | None:
         """The time until which a worker should hold a group of `queued` items, or None to take it now."""
-        if self.max_wait <= 0 or queued >= self.limit(key, now):
+        limit = self.limit(key, now) if room is None else min(room, self.limit(key, now))
+        if self.max_wait <= 0 or queued >= limit:
             return None
         deadline = oldest_arrival + self.max_wait
         if now >= deadline:
@@ -126,5 +148,5 @@ class BatchPolicy:
         fixed, per_item = line
         if fixed <= per_item or rate * (deadline - now) < 1.0:
             return None  # batching gains little here, or nobody is expected before the wait would end
-        fill = now + (self.limit(key, now) - queued) / rate
+        fill = now + (limit - queued) / rate
         return min(deadline, fill)

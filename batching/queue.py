@@ -8,8 +8,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import DeadlineExceededError, QueueFullError, WorkerUnavailableError
-from .items import BatchKey, WorkItem, set_exception
+from .errors import DeadlineExceededError, ItemCancelledError, QueueFullError, WorkerUnavailableError
+from .items import BatchKey, WorkItem, WorkKind, set_exception
 from .policy import BatchPolicy
 
 Clock = Callable[[], float]
@@ -65,32 +65,52 @@ class BatchQueue:
                 self.policy.arrived(items[0].key, now, len(items))
             self._cond.notify(len(items))
 
-    def take(self, max_batch_size: int) -> Batch | None:
-        """Block until work is waiting, then take the oldest group's head, up to the batch limit.
+    def take(self, room: Callable[[BatchKey], int], *, block: bool = True) -> Batch | None:
+        """Take the head of the oldest group that has room, up to `room(key)` items.
 
-        Cancelled and expired items are dropped (expired ones failed) on the way. Returns None once closed and
-        empty.
+        Blocks until work can be taken, unless `block` is False (a worker with denoising in progress must not
+        wait). Cancelled and expired items are dropped (expired ones failed) on the way. Returns None when nothing
+        can be taken without blocking, or once the queue is closed and empty.
         """
         with self._cond:
             while True:
                 now = self._clock()
                 self._drop_dead(now)
-                if self._groups:
-                    key = min(self._groups, key=lambda k: self._groups[k][0].arrived)  # oldest first: no starvation
-                    hold = self._hold_until(key, now)
+                ready = sorted((entries[0].arrived, i, key) for i, (key, entries) in enumerate(self._groups.items()))
+                for _, _, key in ready:  # oldest first: no starvation across keys
+                    limit = room(key)
+                    if limit <= 0:
+                        continue  # the worker has no room for this kind of work now; look at the next group
+                    hold = self._hold_until(key, limit, now)
                     if hold is None:
-                        return self._pop(key, max_batch_size, now)
+                        return self._pop(key, limit, now)
+                    if not block:
+                        return None
                     self._cond.wait(timeout=hold - now)  # new items or the end of the wait wake us
-                    continue
-                if self._closed:
-                    return None
-                self._cond.wait()
+                    break
+                else:
+                    if not block or (self._closed and not self._groups):
+                        return None
+                    self._cond.wait()
 
     def close(self) -> None:
         """Refuse new items; workers drain what is queued, then `take` returns None."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def put_back(self, items: Sequence[WorkItem]) -> None:
+        """Return items that had started (evicted from a running batch) to the queue, ahead of later arrivals.
+
+        They were admitted once, so the size limit does not apply; they keep their place by first arrival.
+        """
+        with self._cond:
+            for item in items:
+                arrived = item.trace.started - item.trace.queue_wait
+                entries = [*self._groups.get(item.key, ()), _Entry(item, arrived)]
+                self._groups[item.key] = deque(sorted(entries, key=lambda e: e.arrived))
+            self._size += len(items)
+            self._cond.notify(len(items))
 
     def fail_all(self, error: BaseException) -> int:
         """Fail every queued item (for a forced shutdown or when no worker is left). Returns how many."""
@@ -104,18 +124,16 @@ class BatchQueue:
             self._size = 0
             return failed
 
-    def _hold_until(self, key: BatchKey, now: float) -> float | None:
-        """When the policy says a partial group should wait for company (never once closed: drain fast)."""
-        if self.policy is None or self._closed or not key.batchable:
+    def _hold_until(self, key: BatchKey, limit: int, now: float) -> float | None:
+        """When the policy says a partial group should wait for company (never once closed: drain fast; never
+        for step work, which joins a running batch at its next step anyway)."""
+        if self.policy is None or self._closed or not key.batchable or key.kind is WorkKind.STEP:
             return None
         entries = self._groups[key]
-        return self.policy.wait_until(key, len(entries), entries[0].arrived, now)
+        return self.policy.wait_until(key, len(entries), entries[0].arrived, now, limit)
 
-    def _pop(self, key: BatchKey, max_batch_size: int, now: float) -> Batch:
+    def _pop(self, key: BatchKey, limit: int, now: float) -> Batch:
         entries = self._groups[key]
-        limit = 1 if not key.batchable else max_batch_size
-        if self.policy is not None:
-            limit = min(limit, self.policy.limit(key, now))
         taken = [entries.popleft() for _ in range(min(limit, len(entries)))]
         if not entries:
             del self._groups[key]
@@ -135,6 +153,7 @@ class BatchQueue:
 
 def _dead(item: WorkItem, now: float) -> bool:
     if item.cancel_requested or item.future.cancelled():
+        set_exception(item.future, ItemCancelledError("cancelled while queued"))  # an evicted item's future runs
         return True
     if item.deadline is not None and now >= item.deadline:
         set_exception(item.future, DeadlineExceededError("deadline passed while the item was queued"))

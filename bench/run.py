@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STEPS, SIZE = 8, 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,7 +94,7 @@ class Server:
     """A real `diffusers-grpc serve` process."""
 
     def __init__(self, home: Path, max_batch: int, device: str) -> None:
-        from tests.helpers import free_port
+        from service.client import wait_until_serving
 
         self.port, self.metrics_port = free_port(), free_port()
         self.process = subprocess.Popen(
@@ -117,9 +124,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        from tests.helpers import wait_serving
-
-        wait_serving(self.target, process=self.process)
+        wait_until_serving(self.target, alive=lambda: self.process.poll() is None)
 
     @property
     def target(self) -> str:
@@ -187,11 +192,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from model_store import ModelStore
-    from model_store.demo import build_tiny_pipeline
-    from service.cli.models_cmd import DEMO_SIGNATURES
+    from model_store.demo import save_demo
 
     home = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    ModelStore(home).save_model("tiny-sd", build_tiny_pipeline(seed=0), signatures=DEMO_SIGNATURES)
+    save_demo(ModelStore(home))
     rows = direct(home, args.device, repeats=40)
     rss: dict[str, Any] = {}
     for label, max_batch in (("on", 8), ("off", 1)):

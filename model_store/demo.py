@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+DEMO_NAME = "tiny-sd"  # the tag `models create-demo` imports, the default of the demo and the tests
+# All three typed tasks, batchable along dim 0: img2img and inpaint are derived with from_pipe.
+DEMO_SIGNATURES = {
+    "__call__": {"batchable": True, "batch_dim": 0},
+    "img2img": {"batchable": True, "batch_dim": 0},
+    "inpaint": {"batchable": True, "batch_dim": 0},
+}
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -231,3 +239,8 @@ def build_tiny_pipeline(seed: int = 0, torch_dtype: torch.dtype | None = None) -
             torch.nn.Module.to(component, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_demo(store: Any, name: str = DEMO_NAME, seed: int = 0, **kwargs: Any) -> Any:
+    """Build the tiny pipeline and store it as the demo model (`store` is a `ModelStore`)."""
+    return store.save_model(name, build_tiny_pipeline(seed=seed), signatures=DEMO_SIGNATURES, **kwargs)

@@ -60,10 +60,7 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
-        signatures = {
-            name: Signature(name=name, **{k: v for k, v in sig.items() if k in ("batchable", "batch_dim", "task")})
-            for name, sig in data["signatures"].items()
-        }
+        signatures = {name: Signature.from_dict(name, sig) for name, sig in data["signatures"].items()}
         return cls(
             name=data["name"],
             version=data["version"],
@@ -145,10 +142,6 @@ class Model:
 
     def pipeline_type(self) -> type:
         """The pipeline class this model loads as (custom code is imported only when trusted)."""
-        import importlib
-
-        import diffusers
-
         from .custom import STORED_NAME as CUSTOM_FILE
         from .custom import load_class, require_trust, source_file, stored_file
 
@@ -156,11 +149,8 @@ class Model:
         if opts.custom_pipeline:
             require_trust(opts.custom_pipeline, opts.trust_remote_code)
             return load_class(source_file(opts.custom_pipeline))
-        if isinstance(opts.pipeline_class, type):
-            return opts.pipeline_class
-        if opts.pipeline_class and "." in opts.pipeline_class:
-            module, _, name = opts.pipeline_class.rpartition(".")
-            return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+        if opts.pipeline_class:  # the operator's choice, in code or on the command line
+            return resolve_pipeline_class(opts.pipeline_class)
         if self.info.has_custom_code:
             # Trust comes from the operator at load time, never from model.yaml; the code is always the
             # model's own pipeline.py, checked against its sha256, whatever path model.yaml names.
@@ -170,8 +160,8 @@ class Model:
                     "trusts it: serve --trust-remote-code (Python: with_options(trust_remote_code=True))"
                 )
             return load_class(stored_file(self.path, self.info.files, self.tag), self.info.pipeline_class)
-        name = opts.pipeline_class or self.info.pipeline_class
-        return getattr(diffusers, name, None) or diffusers.DiffusionPipeline  # type: ignore[no-any-return]
+        # model.yaml names a diffusers class; it never makes us import a module of its choosing.
+        return resolve_pipeline_class(self.info.pipeline_class, diffusers_only=True)
 
     def check_files(self, *, full: bool) -> None:
         """Check every recorded file exists with its size; `full` also re-hashes it (slow for big models)."""
@@ -228,6 +218,31 @@ class Model:
         from .runner import Runner
 
         return Runner(self, self.load_pipeline(device))
+
+
+def resolve_pipeline_class(spec: str | type, *, diffusers_only: bool = False) -> type:
+    """A pipeline class from a class, a diffusers class name, or (unless `diffusers_only`) a dotted path.
+
+    Fails naming the class, rather than falling back to a generic pipeline that would load something else.
+    """
+    import importlib
+
+    import diffusers
+
+    if isinstance(spec, type):
+        return spec
+    module_name, _, name = spec.rpartition(".")
+    if module_name and not diffusers_only:
+        try:
+            found = getattr(importlib.import_module(module_name), name, None)
+        except ImportError as exc:
+            raise StoreError(f"pipeline class {spec!r} cannot be imported: {exc}") from None
+    else:
+        found = getattr(diffusers, name, None)
+    if not isinstance(found, type) or not issubclass(found, diffusers.DiffusionPipeline):
+        where = "diffusers" if not module_name or diffusers_only else module_name
+        raise StoreError(f"pipeline class {spec!r} is not a DiffusionPipeline class in {where}")
+    return found
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Runners: one callable per declared signature of a loaded pipeline, returning plain tuples.
+"""Runners (`Model.to_runner()`): one callable per declared signature of a loaded pipeline, returning plain
+tuples.
 
-Tasks a text-to-image pipeline lacks (`img2img`, `inpaint`) are derived with `from_pipe`, which shares the
-weights instead of loading a second copy.
+Tasks a pipeline lacks as methods (`img2img`, `inpaint`, `text2img`) are derived with `from_pipe`
+(`interface.derive`), which shares the weights instead of loading a second copy.
 """
 
 from __future__ import annotations
@@ -10,16 +11,11 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .signatures import IMG2IMG, INPAINT, TEXT2IMG, Signature
+from . import interface
+from .signatures import Signature
 
 if TYPE_CHECKING:
     from .model import Model
-
-_AUTO_PIPELINES = {
-    TEXT2IMG: "AutoPipelineForText2Image",
-    IMG2IMG: "AutoPipelineForImage2Image",
-    INPAINT: "AutoPipelineForInpainting",
-}
 
 
 class SignatureRunner:
@@ -36,7 +32,7 @@ class SignatureRunner:
 
     def run(self, **kwargs: Any) -> tuple[Any, ...]:
         """Run the method; a `BaseOutput` is turned into a tuple so results can cross process boundaries."""
-        if _accepts(self.function, "return_dict"):
+        if interface.accepts(self.function, "return_dict"):
             kwargs.setdefault("return_dict", False)
         result = self.function(**kwargs)
         if isinstance(result, tuple):
@@ -71,30 +67,4 @@ class Runner:
         base = self.pipeline
         if callable(getattr(base, sig.name, None)):
             return SignatureRunner(sig, base, sig.name)
-        derived = derive_pipeline(base, sig.task)
-        return SignatureRunner(sig, derived, "__call__")
-
-
-def derive_pipeline(base: Any, task: str) -> Any:
-    """A pipeline for `task` sharing `base`'s modules (the base itself when it already performs the task)."""
-    import diffusers
-
-    from .signatures import pipeline_task
-
-    if pipeline_task(type(base).__name__) == task:
-        return base
-    auto = getattr(diffusers, _AUTO_PIPELINES[task])
-    # Without dtype=base.dtype, from_pipe casts the shared modules (the base's too) to float32.
-    derived = auto.from_pipe(base, dtype=base.dtype)
-    derived.set_progress_bar_config(disable=True)
-    return derived
-
-
-def _accepts(function: Callable[..., Any], name: str) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return SignatureRunner(sig, interface.derive(base, sig.task), "__call__")

@@ -1,4 +1,8 @@
-"""Signatures: which pipeline methods a model serves, whether each batches, and the task each performs."""
+"""Signatures: which pipeline methods a model serves, whether each batches, and the task each performs.
+
+The task of each signature comes from the pipeline's interface (`model_store.interface`), or from the
+importer's explicit `--task SIGNATURE=TASK`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import interface
 from .errors import InvalidSignatureError
+from .interface import CUSTOM, TYPED_TASKS
 
-TEXT2IMG, IMG2IMG, INPAINT, OTHER = "text2img", "img2img", "inpaint", "other"
-TASKS = (TEXT2IMG, IMG2IMG, INPAINT, OTHER)
-# Task names that may be declared on a text-to-image pipeline lacking them: they are derived with from_pipe.
-DERIVABLE_TASKS = (TEXT2IMG, IMG2IMG, INPAINT)
 DEFAULT_SIGNATURES: Mapping[str, Mapping[str, Any]] = {"__call__": {"batchable": False}}
 _KEYS = {"batchable": bool, "batch_dim": int}
 
@@ -23,39 +25,33 @@ class Signature:
     name: str
     batchable: bool = False
     batch_dim: int = 0
-    task: str = OTHER
+    task: str = CUSTOM
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         del data["name"]
         return data
 
-
-def pipeline_task(class_name: str) -> str:
-    """The task a pipeline class's `__call__` performs, judged by diffusers' naming convention."""
-    lowered = class_name.lower()
-    if "inpaint" in lowered:
-        return INPAINT
-    if "img2img" in lowered or "image2image" in lowered:
-        return IMG2IMG
-    if "pipeline" in lowered and not any(word in lowered for word in ("upscale", "depth2img", "video", "audio")):
-        return TEXT2IMG
-    return OTHER
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> Signature:
+        task = interface.normalize_task(str(data.get("task", CUSTOM)))
+        return cls(name, bool(data.get("batchable", False)), int(data.get("batch_dim", 0)), task)
 
 
 def parse_signatures(
-    declared: Mapping[str, Any] | None, pipeline_class: type | None, class_name: str | None = None
+    declared: Mapping[str, Any] | None, pipeline_class: type, tasks: Mapping[str, str] | None = None
 ) -> dict[str, Signature]:
     """Validate declared signatures against the pipeline class and resolve the task of each.
 
-    `pipeline_class` None skips the method-existence check (the class is unknown until a custom pipeline is
-    trusted and loaded); `class_name` then decides the `__call__` task.
+    `tasks` overrides the derived task of named signatures (`--task SIGNATURE=TASK`).
     """
     declared = DEFAULT_SIGNATURES if declared is None else declared
     if not isinstance(declared, Mapping) or not declared:
         raise InvalidSignatureError("signatures must be a non-empty mapping of method name to options")
-    class_name = class_name or (pipeline_class.__name__ if pipeline_class else "")
-    call_task = pipeline_task(class_name)
+    tasks = dict(tasks or {})
+    unknown_overrides = sorted(set(tasks) - set(declared))
+    if unknown_overrides:
+        raise InvalidSignatureError(f"--task names undeclared signature(s): {', '.join(unknown_overrides)}")
     result: dict[str, Signature] = {}
     for method, options in declared.items():
         if isinstance(options, Signature):
@@ -78,27 +74,31 @@ def parse_signatures(
                 raise InvalidSignatureError(
                     f"signature {method!r}: {key} must be {kind.__name__}, got {type(options[key]).__name__}"
                 )
-        task = _task_of(method, call_task, pipeline_class, class_name)
         result[method] = Signature(
             name=method,
             batchable=options.get("batchable", False),
             batch_dim=options.get("batch_dim", 0),
-            task=task,
+            task=_task_of(method, pipeline_class, tasks.get(method)),
         )
     return result
 
 
-def _task_of(method: str, call_task: str, pipeline_class: type | None, class_name: str) -> str:
-    has_method = pipeline_class is None or callable(getattr(pipeline_class, method, None))
-    if method == "__call__":
-        return call_task
-    if method in DERIVABLE_TASKS:
-        if has_method or call_task in (TEXT2IMG, method):
-            return method
+def _task_of(method: str, pipeline_class: type, declared: str | None) -> str:
+    name = pipeline_class.__name__
+    has_method = callable(getattr(pipeline_class, method, None))
+    if not has_method and method not in TYPED_TASKS:
+        raise InvalidSignatureError(f"signature {method!r}: {name} has no method {method!r}")
+    if not has_method and interface.derived_class(pipeline_class, method) is None:
         raise InvalidSignatureError(
-            f"signature {method!r}: {class_name} has no method {method!r} and its __call__ is {call_task}, "
-            "so the task cannot be derived with from_pipe"
+            f"signature {method!r}: {name} has no method {method!r} and diffusers has no {method} pipeline of its "
+            "family to derive with from_pipe"
         )
-    if not has_method:
-        raise InvalidSignatureError(f"signature {method!r}: {class_name} has no method {method!r}")
-    return OTHER
+    if declared is None:
+        return interface.method_task(pipeline_class, method)
+    try:
+        task = interface.normalize_task(declared)
+    except ValueError as exc:
+        raise InvalidSignatureError(f"signature {method!r}: {exc}") from None
+    if not has_method and task != method:
+        raise InvalidSignatureError(f"signature {method!r} is derived with from_pipe: its task is {method}")
+    return task

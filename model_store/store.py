@@ -25,7 +25,7 @@ from .custom import STORED_NAME as CUSTOM_FILE
 from .custom import load_class, require_trust, source_file
 from .errors import ModelExistsError, ModelNotFoundError, StoreError
 from .files import atomic_write_text, copy_tree, fsync_dir, fsync_tree, list_files, sha256_file
-from .model import MODEL_FILE, Model, ModelInfo
+from .model import MODEL_FILE, Model, ModelInfo, resolve_pipeline_class
 from .signatures import parse_signatures
 from .tags import LATEST, Tag, new_version, validate_part
 
@@ -104,6 +104,7 @@ class ModelStore:
         source: str | os.PathLike[str],
         *,
         signatures: Mapping[str, Any] | None = None,
+        tasks: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         pipeline_class: str | type | None = None,
@@ -117,6 +118,7 @@ class ModelStore:
 
         `custom_pipeline` is a local .py file (or folder with pipeline.py) whose DiffusionPipeline subclass
         replaces the folder's class; it is copied into the model and needs `trust_remote_code=True`.
+        `tasks` overrides the task derived for named signatures.
         """
         from .sources import resolve_source
 
@@ -124,8 +126,7 @@ class ModelStore:
         require_trust(custom_pipeline, trust_remote_code)
         folder = resolve_source(source, revision=revision, variant=variant)
         custom_file = source_file(custom_pipeline) if custom_pipeline is not None else None
-        custom_class = load_class(custom_file) if custom_file else None
-        class_name = custom_class.__name__ if custom_class else _class_name(folder, pipeline_class)
+        pipeline_cls = load_class(custom_file) if custom_file else _stored_class(folder, pipeline_class)
 
         def fill(target: Path) -> None:
             copy_tree(folder, target)
@@ -135,7 +136,7 @@ class ModelStore:
         options: dict[str, Any] = {"variant": variant}
         if custom_file is not None:
             options["custom_pipeline"] = CUSTOM_FILE  # a fact about the model; trust is never recorded
-        return self._publish(name, fill, class_name, signatures, labels, metadata, version, options, custom_class)
+        return self._publish(name, fill, pipeline_cls, signatures, tasks, labels, metadata, version, options)
 
     def save_model(
         self,
@@ -143,6 +144,7 @@ class ModelStore:
         pipeline: Any,
         *,
         signatures: Mapping[str, Any] | None = None,
+        tasks: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         version: str | None = None,
@@ -153,27 +155,24 @@ class ModelStore:
         def fill(target: Path) -> None:
             pipeline.save_pretrained(target, safe_serialization=True)
 
-        return self._publish(
-            name, fill, type(pipeline).__name__, signatures, labels, metadata, version, {}, type(pipeline)
-        )
+        return self._publish(name, fill, type(pipeline), signatures, tasks, labels, metadata, version, {})
 
     def _publish(
         self,
         name: str,
         fill: Any,
-        class_name: str,
+        pipeline_cls: type,
         signatures: Mapping[str, Any] | None,
+        tasks: Mapping[str, str] | None,
         labels: Mapping[str, str] | None,
         metadata: Mapping[str, Any] | None,
         version: str | None,
         options: Mapping[str, Any],
-        pipeline_cls: type | None = None,
     ) -> Model:
         import diffusers
         import torch
 
-        pipeline_cls = pipeline_cls or getattr(diffusers, class_name, None)
-        parsed = parse_signatures(signatures, pipeline_cls, class_name)
+        parsed = parse_signatures(signatures, pipeline_cls, tasks)
         version = validate_part(version, "model version") if version else new_version()
         if version == LATEST:
             raise StoreError("'latest' is reserved and cannot be used as a version")
@@ -184,12 +183,11 @@ class ModelStore:
         try:
             fill(staging)
             (staging / MODEL_FILE).unlink(missing_ok=True)  # importing a stored model's folder: ours replaces it
-            _test_pause(staging)
             info = ModelInfo(
                 name=name,
                 version=version,
                 created=datetime.now(timezone.utc).isoformat(),
-                pipeline_class=class_name,
+                pipeline_class=pipeline_cls.__name__,
                 diffusers_version=diffusers.__version__,
                 torch_version=torch.__version__.split("+")[0],
                 signatures=parsed,
@@ -267,16 +265,6 @@ class ModelStore:
                     shutil.rmtree(entry)
 
 
-def _test_pause(staging: Path) -> None:
-    """Test hook: with DIFFUSERS_GRPC_TEST_PAUSE_IN_STAGING=FILE, announce the staging folder in FILE and block,
-    so a test can kill the writer mid-import."""
-    marker = os.environ.get("DIFFUSERS_GRPC_TEST_PAUSE_IN_STAGING")
-    if marker:
-        atomic_write_text(Path(marker), str(staging))
-        while True:
-            time.sleep(60)
-
-
 @contextmanager
 def _suppress(*errors: type[BaseException]) -> Iterator[None]:
     try:
@@ -285,13 +273,26 @@ def _suppress(*errors: type[BaseException]) -> Iterator[None]:
         pass
 
 
-def _class_name(folder: Path, pipeline_class: str | type | None) -> str:
-    if isinstance(pipeline_class, type):
-        return pipeline_class.__name__
-    if pipeline_class:
-        return pipeline_class.rsplit(".", 1)[-1]
-    index = folder / "model_index.json"
-    try:
-        return str(json.loads(index.read_text(encoding="utf-8"))["_class_name"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise StoreError(f"{folder} is not a diffusers pipeline folder: cannot read model_index.json ({exc})") from exc
+def _stored_class(folder: Path, pipeline_class: str | type | None) -> type:
+    """The diffusers class a folder is stored as: the importer's choice, else model_index.json's.
+
+    It must be a class of diffusers itself: model.yaml records its name, and serving looks it up there again
+    (custom classes come with their code: --custom-pipeline).
+    """
+    import diffusers
+
+    if pipeline_class is None:
+        index = folder / "model_index.json"
+        try:
+            pipeline_class = str(json.loads(index.read_text(encoding="utf-8"))["_class_name"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(
+                f"{folder} is not a diffusers pipeline folder: cannot read model_index.json ({exc})"
+            ) from exc
+    cls = resolve_pipeline_class(pipeline_class)
+    if getattr(diffusers, cls.__name__, None) is not cls:
+        raise StoreError(
+            f"pipeline class {cls.__module__}.{cls.__name__} is not part of diffusers; "
+            "import its code with --custom-pipeline FILE.py --trust-remote-code"
+        )
+    return cls

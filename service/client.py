@@ -7,7 +7,8 @@ with DiffusionClient("localhost:50051") as client:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +19,7 @@ from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_MB = 64
+READINESS = "diffusion.v1.DiffusionService"  # the health service name that is SERVING once models are warm
 FORMATS = {
     "png": pb.OUTPUT_FORMAT_PNG,
     "jpeg": pb.OUTPUT_FORMAT_JPEG,
@@ -64,6 +66,27 @@ def params(
         if value is not None:
             setattr(message, name, value)
     return message
+
+
+def wait_until_serving(target: str, timeout: float = 120.0, alive: Callable[[], bool] | None = None) -> None:
+    """Poll the readiness service until SERVING (as a probe would), at most `timeout` seconds; raise
+    TimeoutError then, or RuntimeError at once when `alive()` says the server process has gone."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError(f"the server at {target} exited before it was ready")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=READINESS), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} not SERVING after {timeout}s")
 
 
 def image(data: bytes, mime_type: str = "") -> pb.Image:

@@ -1,6 +1,8 @@
 """The server's configuration: one frozen object, built once at start-up from flags, environment and defaults.
 
-Each field `x_y` is set by the flag `--x-y` or, when the flag is absent, by `DIFFUSERS_GRPC_X_Y`.
+Each field `x_y` is read from `DIFFUSERS_GRPC_X_Y` when its flag is not given on the command line. Most flags are
+`--x-y`; `tags` are the positional TAG arguments, `reflection` is `--no-reflection`, and the request limits
+`max_input_pixels` and the like that have no flag are set through their variables only.
 """
 
 from __future__ import annotations

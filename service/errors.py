@@ -60,10 +60,6 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
 _BATCHING_CODES: dict[type[BaseException], grpc.StatusCode] = {
     batching.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     batching.OutOfMemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,7 +1,7 @@
-"""Domain forms of validated requests, and how they become work items.
+"""Validated requests (`Generation`, `CallJob`), and how they become work items.
 
-Built from proto requests by `service.validation`, turned into `batching.WorkItem`s here. Nothing in this module
-knows about protobuf.
+Built by `service.validation` from domain requests; nothing here knows about protobuf. Only arguments the
+signature's pipeline takes are ever passed (`ServedModel.takes`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from batching import BatchKey, WorkItem
-from batching.diffusers_runner import CALL_GROUP
-from batching.items import Frozen, ProgressCallback
+from batching import BatchKey, Frozen, ProgressCallback, WorkItem, WorkKind
 from model_store import Signature
-from model_store.signatures import TEXT2IMG
 
 from .registry import ServedModel
 
@@ -29,14 +26,14 @@ class Generation:
     signature: Signature
     task: str
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None
     num_inference_steps: int
     guidance_scale: float
     height: int
     width: int
     seed: int
     num_images: int
-    scheduler: str = ""
+    scheduler: str | None = None
     eta: float | None = None
     strength: float | None = None
     image: Any = None  # PIL RGB image, already at (width, height), for img2img / inpaint
@@ -49,36 +46,56 @@ class Generation:
         """Image i uses seed + i (mod 2**64), so each image is reproducible alone."""
         return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]
 
-    def batch_key(self) -> BatchKey:
-        """Everything diffusers takes as one value for a whole call; items that share it may batch."""
-        params: dict[str, Hashable] = {
+    def call_arguments(self) -> dict[str, Hashable]:
+        """The arguments diffusers takes as one value for a whole call, as this signature's pipeline names them."""
+        takes = self.served.takes(self.signature.name)
+        arguments: dict[str, Hashable] = {
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "output_type": "pil",
         }
-        if self.task == TEXT2IMG:
-            params.update(height=self.height, width=self.width)
+        if takes("height") and takes("width"):
+            arguments.update(height=self.height, width=self.width)
         if self.scheduler:
-            params["scheduler"] = self.scheduler
+            arguments["scheduler"] = self.scheduler
         if self.eta is not None:
-            params["eta"] = self.eta
+            arguments["eta"] = self.eta
         if self.strength is not None:
-            params["strength"] = self.strength
-        # Input images are resized to the output size before they get here; img2img pipelines take their size
-        # from the image, and diffusers would silently resize mismatched inputs: never mix sizes in a call.
-        group = {"input_size": self.image.size} if self.image is not None else None
+            arguments["strength"] = self.strength
+        return arguments
+
+    def batch_key(self) -> BatchKey:
+        """Items that share it may run in one pipeline call."""
+        # Which per-item inputs are given must match: a list cannot mix None and text (and SDXL treats an
+        # absent negative prompt differently from an empty one). Input images are resized to the output size
+        # before they get here, and diffusers would silently resize mismatched inputs: never mix sizes in a call.
+        group: dict[str, Hashable] = {"inputs": tuple(sorted(self.item_inputs()))}
+        if self.image is not None:
+            group["input_size"] = self.image.size
         sig = self.signature
         return BatchKey.build(
-            self.served.tag, sig.name, params, batchable=sig.batchable, batch_dim=sig.batch_dim, group=group
+            self.served.tag,
+            sig.name,
+            self.call_arguments(),
+            kind=WorkKind.TASK,
+            batchable=sig.batchable,
+            batch_dim=sig.batch_dim,
+            group=group,
         )
 
-    def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
-        key = self.batch_key()
-        inputs: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+    def item_inputs(self) -> dict[str, Any]:
+        """Per-item arguments, stacked along the batch dimension; an optional text not given is left out (None)."""
+        inputs: dict[str, Any] = {"prompt": self.prompt}
+        if self.negative_prompt is not None:
+            inputs["negative_prompt"] = self.negative_prompt
         if self.image is not None:
             inputs["image"] = self.image
         if self.mask_image is not None:
             inputs["mask_image"] = self.mask_image
+        return inputs
+
+    def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
+        key, inputs = self.batch_key(), self.item_inputs()
         return [
             WorkItem(key=key, inputs=inputs, seed=seed, deadline=deadline, on_progress=on_progress if i == 0 else None)
             for i, seed in enumerate(self.seeds())
@@ -91,7 +108,7 @@ class Generation:
             "signature": self.signature.name,
             "task": self.task,
             "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
+            "negative_prompt": self.negative_prompt or "",
             "seed": str(seed),
             "num_inference_steps": str(self.num_inference_steps),
             "guidance_scale": repr(self.guidance_scale),
@@ -125,16 +142,15 @@ class CallJob:
         per_item = {k: v for k, v in self.arguments.items() if k in PER_ITEM_ARGUMENTS and isinstance(v, str)}
         per_item.update(self.images)
         shared = {k: _hashable(v) for k, v in self.arguments.items() if k not in per_item}
-        group: dict[str, Hashable] = dict([CALL_GROUP])
-        group.update({f"size:{k}": image.size for k, image in self.images.items()})
         key = BatchKey.build(
             self.served.tag,
             self.signature.name,
             shared,
+            kind=WorkKind.CALL,
             # Only calls with per-item arguments can be stacked; anything else runs alone.
             batchable=self.signature.batchable and bool(per_item),
             batch_dim=self.signature.batch_dim,
-            group=group,
+            group={f"size:{k}": image.size for k, image in self.images.items()},
         )
         return [WorkItem(key=key, inputs=per_item, seed=self.seed, deadline=deadline, on_progress=on_progress)]
 
@@ -145,5 +161,5 @@ class CallJob:
 
 
 def _hashable(value: Any) -> Hashable:
-    """Struct lists and dicts travel frozen inside the batch key; the runner thaws them."""
+    """Struct lists and dicts travel frozen inside the batch key; the engine thaws them."""
     return Frozen.of(value) if isinstance(value, (list, dict)) else value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
@@ -73,3 +74,19 @@ def read_text_chunks(data: bytes) -> dict[str, str]:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
+
+
+# Stable Diffusion latent channels -> RGB: a fixed linear approximation, far cheaper than the VAE.
+_LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def latent_preview(latents: Any) -> Image.Image | None:
+    """A small RGB picture of one item's latents (C, h, w) through a fixed linear map; None unless 4 channels."""
+    import torch
+
+    if latents is None or getattr(latents, "ndim", 0) != 3 or latents.shape[0] != len(_LATENT_RGB):
+        return None
+    factors = torch.tensor(_LATENT_RGB, dtype=torch.float32)
+    rgb = torch.einsum("chw,ck->hwk", latents.detach().float().cpu(), factors)
+    pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels, "RGB")

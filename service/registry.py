@@ -1,19 +1,17 @@
 """The models this server serves: tag resolution, which signature each typed RPC runs, and what a request may
-pass to a signature (its Python parameters, its tokenizer's length)."""
+pass to a signature (its parameters, from `model_store.interface`; its tokenizer's length)."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_store import Model, Signature, Tag
+from model_store import Model, Signature, Tag, interface
+from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG, Parameters
 from model_store.model import PipelineDefaults, read_pipeline_defaults
-from model_store.signatures import IMG2IMG, INPAINT, TEXT2IMG
 
 from .errors import NotFound, Unimplemented
 
@@ -25,21 +23,27 @@ _RPC_OF_TASK = {TEXT2IMG: "TextToImage", IMG2IMG: "ImageToImage", INPAINT: "Inpa
 class ServedModel:
     model: Model
     defaults: PipelineDefaults
+    parameters: Mapping[str, Parameters | None] = field(default_factory=dict, compare=False, repr=False)
     tokenizer: Any = field(default=None, compare=False, repr=False)
     # Fast tokenizers fail with "Already borrowed" when two threads use one at once (validation runs on a pool).
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: Model) -> ServedModel:
-        model.pipeline_type()  # fails now, before any port opens, for an unknown class or untrusted code
-        return cls(model, read_pipeline_defaults(model.path), _load_tokenizer(model))
+        pipeline_class = model.pipeline_type()  # fails now, before any port opens: unknown class, untrusted code
+        parameters = {
+            name: interface.signature_parameters(pipeline_class, name, sig.task)
+            for name, sig in model.signatures.items()
+        }
+        return cls(model, read_pipeline_defaults(model.path), parameters, _load_tokenizer(model))
 
     @property
     def tag(self) -> str:
         return self.model.tag
 
     def signature_for(self, task: str) -> Signature:
-        """The signature a typed RPC runs: the one named after the task, else one whose task it is."""
+        """The signature a typed RPC runs: the one named after the task, else `__call__`, else one whose task it
+        is; UNIMPLEMENTED naming the signatures and their tasks when the model has none."""
         signatures = self.model.signatures
         if task in signatures:
             return signatures[task]
@@ -48,15 +52,21 @@ class ServedModel:
         for signature in signatures.values():
             if signature.task == task:
                 return signature
-        names = ", ".join(sorted(signatures))
+        names = ", ".join(f"{s.name} ({s.task})" for s in signatures.values())
         rpc = _RPC_OF_TASK.get(task, task)
         raise Unimplemented(f"model {self.tag} serves no {task} signature for {rpc}; its signatures: {names}")
 
-    def parameters(self, signature: str) -> Mapping[str, inspect.Parameter] | None:
-        """The keyword parameters of a signature's method; None when it takes any keyword (custom code)."""
-        return _parameters(self.model.pipeline_type(), signature, self.model.signatures[signature].task)
+    def takes(self, signature: str) -> Callable[[str], bool]:
+        """`takes(name)`: whether the signature's method accepts that argument (custom code forwarding
+        `**kwargs` accepts anything)."""
+        params = self.parameters.get(signature)
+        return lambda name: params is None or name in params
 
-    def prompt_warnings(self, *prompts: str) -> tuple[str, ...]:
+    def default(self, signature: str, name: str, fallback: Any) -> Any:
+        """An argument's default in the signature's own pipeline (the model's default), else `fallback`."""
+        return interface.default_of(self.parameters.get(signature), name, fallback)
+
+    def prompt_warnings(self, *prompts: str | None) -> tuple[str, ...]:
         """Say when a prompt is longer than the text encoder reads (diffusers truncates it silently)."""
         if self.tokenizer is None:
             return ()
@@ -83,32 +93,6 @@ def _load_tokenizer(model: Model) -> Any:
     except Exception as exc:  # a model without a usable tokenizer still serves; it just gets no warnings
         log.warning("%s: cannot load the tokenizer for prompt checks: %s", model.tag, exc)
         return None
-
-
-@functools.lru_cache(maxsize=64)
-def _parameters(cls: type, method: str, task: str) -> Mapping[str, inspect.Parameter] | None:
-    class_name = cls.__name__
-    function = getattr(cls, method, None)
-    if function is None and task in (IMG2IMG, INPAINT, TEXT2IMG):
-        try:
-            from diffusers.pipelines import auto_pipeline
-
-            mapping = {
-                TEXT2IMG: auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
-                IMG2IMG: auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
-                INPAINT: auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
-            }[task]
-            function = auto_pipeline._get_task_class(mapping, class_name).__call__
-        except Exception:
-            return None
-    if function is None:
-        return None
-    params = inspect.signature(function).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if takes_any and not getattr(function, "__module__", "").startswith("diffusers."):
-        return None  # custom code that forwards **kwargs: let the pipeline judge
-    # Only named parameters: diffusers' own `**kwargs` catch deprecated callbacks, never a client's arguments.
-    return {name: p for name, p in params.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 class ModelRegistry:

@@ -20,7 +20,11 @@ class RequestScope:
         return max((i.trace.queue_wait for i in self.items), default=0.0) * 1e3
 
     def run_ms(self) -> float:
-        return sum({id(i.trace): i.trace.run_seconds for i in self.items}.values()) * 1e3
+        """Wall time from the first item's run starting to the last one's ending (not the sum of items)."""
+        runs = [i.trace for i in self.items if i.trace.finished]
+        if not runs:
+            return 0.0
+        return (max(t.finished for t in runs) - min(t.started for t in runs)) * 1e3
 
     def batch_size(self) -> int:
         return max((i.trace.batch_size for i in self.items), default=0)

@@ -11,7 +11,8 @@ import grpc
 
 from .config import ServerConfig
 
-_EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Methods any caller may use: health probes and reflection. Never authenticated, never counted as requests.
+PUBLIC_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -35,7 +36,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        if details.method.startswith(_EXEMPT):
+        if details.method.startswith(PUBLIC_METHODS):
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(str(given).encode(), self._expected):  # constant time

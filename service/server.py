@@ -12,7 +12,6 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -23,7 +22,6 @@ from batching import BatchReport
 from model_store import ModelStore
 
 from .config import ConfigError, ServerConfig
-from .engine import build_executor, runner_factory
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 from .registry import ModelRegistry, ServedModel
@@ -31,6 +29,7 @@ from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DiffusionServicer
 from .telemetry import Metrics, TelemetryInterceptor
 from .validation import Limits
+from .workers import Factory, backend_factory, build_executor
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name  # "diffusion.v1.DiffusionService"
@@ -58,10 +57,7 @@ class DiffusionServer:
     """One gRPC server over the models named in the config. Use `start`, `wait_ready`, `stop`."""
 
     def __init__(
-        self,
-        config: ServerConfig,
-        store: ModelStore | None = None,
-        factory: Callable[[Sequence[ServedModel], str], Callable[[], object]] = runner_factory,
+        self, config: ServerConfig, store: ModelStore | None = None, factory: Factory = backend_factory
     ) -> None:
         self.config = config
         self.store = store or ModelStore()
@@ -70,7 +66,7 @@ class DiffusionServer:
         trust = config.trust_remote_code  # the operator's word, never the model's
         served = [ServedModel.of(self.store.get(tag).with_options(trust_remote_code=trust)) for tag in config.tags]
         self.registry = ModelRegistry(served)
-        self.executor = build_executor(config, served, self._on_batch, factory)  # type: ignore[arg-type]
+        self.executor = build_executor(config, self.registry, self._on_batch, factory)
         self.executor.on_unhealthy = self._on_worker_death
         self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
         self.servicer = DiffusionServicer(self.registry, self.executor, Limits.of(config))

@@ -16,11 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from batching import BatchReport
 
 from . import scope
+from .security import PUBLIC_METHODS
 from .servicer import REQUEST_ID_HEADER
 
 log = logging.getLogger("diffusers_grpc.requests")
 PREFIX = "diffusers_grpc_"
-_EXEMPT = ("/grpc.health.", "/grpc.reflection.")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
@@ -52,7 +52,7 @@ class Metrics:
 
     def record_batch(self, report: BatchReport) -> None:
         self.batch_size.observe(report.size)
-        self.inference.labels(report.key.model).observe(report.run_seconds)
+        self.inference.labels(report.model).observe(report.run_seconds)
         for wait in report.queue_wait:
             self.queue_wait.observe(wait)
 
@@ -76,7 +76,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method
-        if handler is None or method.startswith(_EXEMPT):
+        if handler is None or method.startswith(PUBLIC_METHODS):
             return handler
         rpc = method.rsplit("/", 1)[-1]
         metadata = dict(details.invocation_metadata or ())

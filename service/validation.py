@@ -1,7 +1,8 @@
-"""Request validation: proto request -> domain job (`Generation`, `CallJob`), or INVALID_ARGUMENT naming every
-bad field in `google.rpc.BadRequest` details.
+"""Request validation: domain request (`service.domain`) -> validated job (`Generation`, `CallJob`), or
+INVALID_ARGUMENT naming every bad field in `google.rpc.BadRequest` details.
 
-All checks happen here, once, before any work is queued.
+All checks happen here, once, before any work is queued. Defaults the client leaves out are the model's own:
+the parameter defaults of the signature's pipeline (`ServedModel.default`).
 """
 
 from __future__ import annotations
@@ -13,25 +14,18 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format
-
-from model_store.signatures import IMG2IMG, INPAINT, TEXT2IMG
+from model_store.interface import IMG2IMG, INPAINT
 
 from . import imaging
 from .config import ServerConfig
+from .domain import CallRequest, Params, TaskRequest
 from .errors import FieldViolation, InvalidArgument, Unimplemented
-from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generation import CallJob, Generation
 from .registry import ModelRegistry, ServedModel
 
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-MIME_TYPES = {
-    pb.OUTPUT_FORMAT_UNSPECIFIED: imaging.PNG,
-    pb.OUTPUT_FORMAT_PNG: imaging.PNG,
-    pb.OUTPUT_FORMAT_JPEG: imaging.JPEG,
-    pb.OUTPUT_FORMAT_WEBP: imaging.WEBP,
-}
+FALLBACK_STEPS = 50  # only for a pipeline whose signature has no default (diffusers' own default)
+FALLBACK_GUIDANCE = 7.5
+MIME_TYPES = {"png": imaging.PNG, "jpeg": imaging.JPEG, "webp": imaging.WEBP}
 # Set by the server from the request's seed and stream: a Call may not pass them.
 RESERVED_CALL_ARGUMENTS = ("generator", "callback_on_step_end", "callback", "return_dict")
 
@@ -62,54 +56,27 @@ class Violations:
             raise InvalidArgument.of(self.items)
 
 
-def text_to_image(request: pb.TextToImageRequest, registry: ModelRegistry, limits: Limits) -> Generation:
+def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) -> Generation:
+    """TextToImage, ImageToImage and Inpaint: the common params, plus an input image (and for inpainting a mask
+    of its size) where the task takes them."""
     served = registry.resolve(request.model)
-    signature = served.signature_for(TEXT2IMG)
+    signature = served.signature_for(request.task)
     bad = Violations()
-    fields = _params(request.params, served, limits, bad, input_size=None)
+    image = mask = None
+    if request.task in (IMG2IMG, INPAINT):
+        image = _image(request.image, "image", limits, bad)
+    if request.task == INPAINT:
+        mask = _image(request.mask_image, "mask_image", limits, bad)
+        if image is not None and mask is not None and image.size != mask.size:
+            want, got = f"{image.width}x{image.height}", f"{mask.width}x{mask.height}"
+            bad.add("mask_image", f"must be the size of image, {want}, got {got}")
+    fields = _params(request.params, served, signature.name, limits, bad, input_size=image.size if image else None)
+    strength = _strength(request, fields["num_inference_steps"], bad) if image is not None else None
     bad.raise_if_any()
     return Generation(
         served=served,
         signature=signature,
-        task=TEXT2IMG,
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        warnings=served.prompt_warnings(request.prompt, request.negative_prompt),
-        **fields,
-    )
-
-
-def image_to_image(request: pb.ImageToImageRequest, registry: ModelRegistry, limits: Limits) -> Generation:
-    return _image_task(IMG2IMG, request, None, registry, limits)
-
-
-def inpaint(request: pb.InpaintRequest, registry: ModelRegistry, limits: Limits) -> Generation:
-    return _image_task(INPAINT, request, request.mask_image, registry, limits)
-
-
-def _image_task(
-    task: str,
-    request: pb.ImageToImageRequest | pb.InpaintRequest,
-    proto_mask: pb.Image | None,
-    registry: ModelRegistry,
-    limits: Limits,
-) -> Generation:
-    """ImageToImage and Inpaint: an input image (and for inpainting a mask of its size) plus the common params."""
-    served = registry.resolve(request.model)
-    signature = served.signature_for(task)
-    bad = Violations()
-    image = _image(request.image, "image", limits, bad)
-    mask = _image(proto_mask, "mask_image", limits, bad) if proto_mask is not None else None
-    if image is not None and mask is not None and image.size != mask.size:
-        want, got = f"{image.width}x{image.height}", f"{mask.width}x{mask.height}"
-        bad.add("mask_image", f"must be the size of image, {want}, got {got}")
-    fields = _params(request.params, served, limits, bad, input_size=image.size if image else None)
-    strength = _strength(request, task, fields["num_inference_steps"], bad)
-    bad.raise_if_any()
-    return Generation(
-        served=served,
-        signature=signature,
-        task=task,
+        task=request.task,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         strength=strength,
@@ -120,18 +87,17 @@ def _image_task(
     )
 
 
-def call(request: pb.CallRequest, registry: ModelRegistry, limits: Limits) -> CallJob:
+def call_job(request: CallRequest, registry: ModelRegistry, limits: Limits) -> CallJob:
     served = registry.resolve(request.model)
     signatures = served.model.signatures
     if request.signature not in signatures:
         names = ", ".join(sorted(signatures))
         raise Unimplemented(f"model {served.tag} has no signature {request.signature!r}; its signatures: {names}")
     signature = signatures[request.signature]
-    parameters = served.parameters(signature.name)
+    parameters = served.parameters.get(signature.name)
     bad = Violations()
-    arguments = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else {}
     checked = {}
-    for name, value in arguments.items():
+    for name, value in request.arguments.items():
         field = f"arguments.{name}"
         if name in RESERVED_CALL_ARGUMENTS:
             bad.add(field, "is set by the server (use `seed` for the generator)")
@@ -144,7 +110,7 @@ def call(request: pb.CallRequest, registry: ModelRegistry, limits: Limits) -> Ca
         except TypeError as exc:
             bad.add(field, str(exc))
     images = {}
-    for name, proto_image in request.images.items():
+    for name, data in request.images.items():
         field = f"images[{name}]"
         if parameters is not None and name not in parameters:
             bad.add(field, f"{signature.name} has no argument {name!r}")
@@ -152,25 +118,25 @@ def call(request: pb.CallRequest, registry: ModelRegistry, limits: Limits) -> Ca
         if name in checked:
             bad.add(field, f"{name!r} is also given in arguments")
             continue
-        decoded = _image(proto_image, field, limits, bad)
+        decoded = _image(data, field, limits, bad)
         if decoded is not None:
             images[name] = decoded
-    if request.output_format not in MIME_TYPES:
-        bad.add("output_format", f"unknown output format {request.output_format}")
+    mime_type = _mime_type(request.output_format, "output_format", bad)
     bad.raise_if_any()
     return CallJob(
         served=served,
         signature=signature,
         arguments=checked,
         images=images,
-        seed=request.seed if request.HasField("seed") else secrets.randbits(63),
-        mime_type=MIME_TYPES.get(request.output_format, imaging.PNG),
+        seed=request.seed if request.seed is not None else secrets.randbits(63),
+        mime_type=mime_type,
     )
 
 
 def _params(
-    params: pb.GenerationParams,
+    params: Params,
     served: ServedModel,
+    signature: str,
     limits: Limits,
     bad: Violations,
     input_size: tuple[int, int] | None,
@@ -183,71 +149,80 @@ def _params(
         width0, height0 = (max(8, (side // 8) * 8) for side in input_size)
     else:
         width0, height0 = served.defaults.width, served.defaults.height
-    height = params.height if params.HasField("height") else height0
-    width = params.width if params.HasField("width") else width0
+    height = params.height if params.height is not None else height0
+    width = params.width if params.width is not None else width0
     for name, value in (("params.height", height), ("params.width", width)):
         if value < 8 or value > limits.max_image_size or value % 8:
             bad.add(name, f"must be a multiple of 8 between 8 and {limits.max_image_size}, got {value}")
-    steps = params.num_inference_steps if params.HasField("num_inference_steps") else DEFAULT_STEPS
+    steps = (
+        params.steps if params.steps is not None else served.default(signature, "num_inference_steps", FALLBACK_STEPS)
+    )
     if not 1 <= steps <= limits.max_steps:
         bad.add("params.num_inference_steps", f"must be between 1 and {limits.max_steps}, got {steps}")
-    guidance = params.guidance_scale if params.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    guidance = (
+        params.guidance_scale
+        if params.guidance_scale is not None
+        else served.default(signature, "guidance_scale", FALLBACK_GUIDANCE)
+    )
     if not math.isfinite(guidance):
         bad.add("params.guidance_scale", f"must be a finite number, got {guidance}")
-    eta = params.eta if params.HasField("eta") else None
-    if eta is not None and not math.isfinite(eta):
-        bad.add("params.eta", f"must be a finite number, got {eta}")
+    if params.eta is not None:
+        if not math.isfinite(params.eta):
+            bad.add("params.eta", f"must be a finite number, got {params.eta}")
+        elif not served.takes(signature)("eta"):
+            bad.add("params.eta", f"{served.tag}'s {signature} does not take eta")
     num_images = params.num_images or 1
     if num_images > limits.max_images:
         bad.add("params.num_images", f"must be between 1 and {limits.max_images}, got {num_images}")
     if params.scheduler and params.scheduler not in served.defaults.compatible_schedulers:
         choices = ", ".join(served.defaults.compatible_schedulers)
         bad.add("params.scheduler", f"unknown scheduler {params.scheduler!r}; choose one of: {choices}")
-    if params.output_format not in MIME_TYPES:
-        bad.add("params.output_format", f"unknown output format {params.output_format}")
-    quality = params.quality if params.HasField("quality") else None
-    if quality is not None and not 1 <= quality <= 100:
-        bad.add("params.quality", f"must be between 1 and 100, got {quality}")
-    seed = params.seed if params.HasField("seed") else secrets.randbits(63)
+    if params.quality is not None and not 1 <= params.quality <= 100:
+        bad.add("params.quality", f"must be between 1 and 100, got {params.quality}")
     return {
         "num_inference_steps": steps,
         "guidance_scale": float(guidance),
         "height": height,
         "width": width,
-        "seed": seed,
+        "seed": params.seed if params.seed is not None else secrets.randbits(63),
         "num_images": num_images,
         "scheduler": params.scheduler,
-        "eta": eta,
-        "mime_type": MIME_TYPES.get(params.output_format, imaging.PNG),
-        "quality": quality,
+        "eta": params.eta,
+        "mime_type": _mime_type(params.output_format, "params.output_format", bad),
+        "quality": params.quality,
     }
+
+
+def _mime_type(output_format: str, field: str, bad: Violations) -> str:
+    if output_format not in MIME_TYPES:
+        bad.add(field, f"unknown output format {output_format.lstrip('#')}")
+        return imaging.PNG
+    return MIME_TYPES[output_format]
 
 
 # diffusers' defaults: the denoising steps run are int(num_inference_steps * strength)
 DEFAULT_STRENGTH = {IMG2IMG: 0.8, INPAINT: 1.0}
 
 
-def _strength(
-    request: pb.ImageToImageRequest | pb.InpaintRequest, task: str, steps: int, bad: Violations
-) -> float | None:
-    strength = request.strength if request.HasField("strength") else None
+def _strength(request: TaskRequest, steps: int, bad: Violations) -> float | None:
+    strength = request.strength
     if strength is not None and not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
         bad.add("strength", f"must be a finite number in [0, 1], got {strength}")
         return strength
-    effective = DEFAULT_STRENGTH[task] if strength is None else strength
+    effective = DEFAULT_STRENGTH[request.task] if strength is None else strength
     if int(steps * effective) < 1:  # diffusers would run zero steps and fail on an empty batch
         field = "strength" if strength is not None else "params.num_inference_steps"
         bad.add(field, f"num_inference_steps x strength = {steps} x {effective:g} runs no step; raise either")
     return strength
 
 
-def _image(image: pb.Image, field: str, limits: Limits, bad: Violations) -> Any:
+def _image(data: bytes | None, field: str, limits: Limits, bad: Violations) -> Any:
     """Decode an input image (None, with a violation, when it is missing or bad)."""
-    if not image.data:
+    if not data:
         bad.add(field, "is required: image data is empty")
         return None
     try:
-        return imaging.decode(image.data, max_pixels=limits.max_input_pixels)
+        return imaging.decode(data, max_pixels=limits.max_input_pixels)
     except imaging.ImageDecodeError as exc:
         bad.add(field, str(exc))
         return None

@@ -15,11 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` fro
 def store_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store holding the demo model `tiny-sd` (f8 shape, random weights), shared by the session."""
     from model_store import ModelStore
-    from model_store.demo import build_tiny_pipeline
-    from service.cli.models_cmd import DEMO_NAME, DEMO_SIGNATURES
+    from model_store.demo import save_demo
 
     home = tmp_path_factory.mktemp("store")
-    ModelStore(home).save_model(DEMO_NAME, build_tiny_pipeline(seed=0), signatures=DEMO_SIGNATURES)
+    save_demo(ModelStore(home))
     return home
 
 

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -41,14 +42,21 @@ def health_status(target: str, service: str = READINESS, timeout: float = 2.0) -
 
 def wait_serving(target: str, timeout: float = 120.0, process: subprocess.Popen[bytes] | None = None) -> None:
     """Poll readiness until SERVING (a probe does the same); fail early if the process died."""
+    from service.client import wait_until_serving
+
+    wait_until_serving(target, timeout, alive=None if process is None else lambda: process.poll() is None)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 60.0, what: str = "the condition") -> Any:
+    """Poll `condition` until it returns something true, at most `timeout` seconds (for state another process
+    holds, where no event can be shared); returns that value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        if health_status(target) == health_pb2.HealthCheckResponse.SERVING:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{target} not SERVING after {timeout}s")
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not happen within {timeout}s")
 
 
 def cli(*args: str) -> list[str]:

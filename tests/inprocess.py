@@ -53,3 +53,41 @@ def running_server(store: ModelStore, wait: bool = True, **config: Any) -> Itera
     finally:
         loop.run(server.stop(grace=1))  # a no-op when the test stopped it already
         loop.close()
+
+
+class Gate:
+    """Holds a server's worker inside its next pipeline call until the test releases it, so requests sent
+    meanwhile queue up behind it: batching that is deterministic, with no long 'blocker' request and no sleep.
+
+    Pass `gate.factory` as the server's `factory`; `calls` records the size of every call the worker ran.
+    """
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls: list[int] = []
+        self._armed = True
+
+    def factory(self, served: Any, device: str, warmup: Any) -> Any:
+        from service.workers import backend_factory
+
+        build = backend_factory(served, device, warmup)
+
+        def gated() -> Any:
+            worker = build()
+            worker.warmup()  # warm-up runs before the gate is wired: it must not be held
+            worker.warmup = lambda: None
+            real = worker.run_batch
+
+            def run_batch(key: Any, items: Any, on_step: Any) -> Any:
+                self.calls.append(len(items))
+                if self._armed:
+                    self._armed = False
+                    self.entered.set()
+                    self.release.wait(120)
+                return real(key, items, on_step)
+
+            worker.run_batch = run_batch
+            return worker
+
+        return gated

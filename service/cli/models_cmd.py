@@ -6,15 +6,9 @@ import argparse
 from typing import Any
 
 from model_store import Model, ModelStore, StoreError
+from model_store.demo import DEMO_NAME
 
 from .common import CliError, print_json
-
-DEMO_NAME = "tiny-sd"
-DEMO_SIGNATURES = {
-    "__call__": {"batchable": True, "batch_dim": 0},
-    "img2img": {"batchable": True, "batch_dim": 0},
-    "inpaint": {"batchable": True, "batch_dim": 0},
-}
 
 
 def register(commands: Any) -> None:
@@ -77,22 +71,15 @@ def register(commands: Any) -> None:
 
 
 def create_demo(args: argparse.Namespace) -> int:
-    from model_store.demo import build_tiny_pipeline
+    from model_store.demo import save_demo
 
     store = ModelStore()
     existing = store.list_models(args.name)
     if existing and not args.force:
         print(f"{existing[-1].tag} already exists (use --force for a new version)")
         return 0
-    pipeline = build_tiny_pipeline(seed=args.seed)
     model = _store_call(
-        lambda: store.save_model(
-            args.name,
-            pipeline,
-            signatures=DEMO_SIGNATURES,
-            labels={"demo": "true"},
-            metadata={"seed": args.seed},
-        )
+        lambda: save_demo(store, args.name, args.seed, labels={"demo": "true"}, metadata={"seed": args.seed})
     )
     print(f"imported {model.tag} into {store.home}")
     return 0

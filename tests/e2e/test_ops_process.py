@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import READINESS, ROOT, cli, free_port, health_status, server_process, wait_serving
+from helpers import READINESS, ROOT, cli, free_port, health_status, server_process, wait_for, wait_serving
 
 from service.client import DiffusionClient
-from service.engine import TEST_LOAD_DELAY_ENV
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
 from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
@@ -28,11 +28,16 @@ def metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
-def start(home, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+def start(home, *args: str, load_cue: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A real server process; with `load_cue` (a named pipe), its model loads wait for the test to write to it."""
     port = free_port()
+    command = cli("serve", "--host", "127.0.0.1", "--port", str(port), *args)
+    if load_cue is not None:
+        hooked = [sys.executable, str(ROOT / "tests" / "data" / "hooked_cli.py"), "gate-load", str(load_cue)]
+        command = [*hooked, *command[3:]]  # the same CLI arguments, after the hook
     process = subprocess.Popen(
-        cli("serve", "--host", "127.0.0.1", "--port", str(port), *args),
-        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home), **(env or {})},
+        command,
+        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home)},
         stdout=subprocess.DEVNULL,
         stderr=open(home / f"ops-{port}.log", "wb"),  # noqa: SIM115 (the child owns it)
         cwd=ROOT,
@@ -53,11 +58,12 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(store_ho
                 for i in range(8)
             ]
             futures = [pool.submit(client.stub.TextToImage, r, timeout=120) for r in requests]
-            while metric(metrics_port, "diffusers_grpc_in_flight_requests") < 8:
-                assert not any(f.done() for f in futures), "a request finished before all 8 were in flight"
+            wait_for(lambda: metric(metrics_port, "diffusers_grpc_in_flight_requests") >= 8, what="8 in flight")
+            assert not any(f.done() for f in futures), "a request finished before all 8 were in flight"
             process.send_signal(signal.SIGTERM)
-            while health_status(target, READINESS) != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert process.poll() is None
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            wait_for(lambda: health_status(target, READINESS) == not_serving, what="readiness turning off")
+            assert process.poll() is None
             with pytest.raises(grpc.RpcError) as caught:
                 client.text_to_image("late", seed=1, steps=2, timeout=30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -70,17 +76,18 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(store_ho
 
 
 def test_health_probe_over_unix_socket_exits_0_1_and_2(store_home, tmp_path):
-    socket_path = tmp_path / "grpc.sock"
-    process, target = start(store_home, "--uds", str(socket_path), env={TEST_LOAD_DELAY_ENV: "4"})
+    socket_path, cue = tmp_path / "grpc.sock", tmp_path / "load-cue"
+    os.mkfifo(cue)
+    process, target = start(store_home, "--uds", str(socket_path), load_cue=cue)
     probe = cli("health", "--uds", str(socket_path), "--timeout", "2")
     try:
-        while not socket_path.exists():  # poll, as a probe would
-            assert process.poll() is None
-            time.sleep(0.05)
+        wait_for(lambda: socket_path.exists() or process.poll() is not None, what="the socket")  # as a probe would
+        assert process.poll() is None
         loading = subprocess.run(probe, capture_output=True, text=True, timeout=60)
-        assert loading.returncode == 1 and "NOT_SERVING" in loading.stdout  # models still loading
+        assert loading.returncode == 1 and "NOT_SERVING" in loading.stdout  # the model load waits for our cue
         liveness = subprocess.run([*probe, "--service", ""], capture_output=True, text=True, timeout=60)
         assert liveness.returncode == 0
+        cue.write_text("load now")  # opens the pipe: the waiting load goes on
         wait_serving(target, process=process)
         assert subprocess.run(probe, capture_output=True, timeout=60).returncode == 0
     finally:
@@ -104,10 +111,9 @@ def test_round_robin_channel_spreads_requests_over_two_replicas(store_home):
             for i in range(6):
                 params = pb.GenerationParams(seed=i, num_inference_steps=2)
                 stub.TextToImage(pb.TextToImageRequest(prompt="x", params=params), timeout=60)
-        for _ in range(100):  # a server counts an RPC just after its answer leaves: scrape until all are in
-            served = [metric(port, "diffusers_grpc_requests_total") for port in ports]
-            if sum(served) >= 6:
-                break
+        # A server counts an RPC just after its answer leaves: scrape until all six are in.
+        scrape = lambda: [metric(port, "diffusers_grpc_requests_total") for port in ports]  # noqa: E731
+        served = wait_for(lambda: (counts := scrape()) and sum(counts) >= 6 and counts, what="six counted RPCs")
     assert all(count >= 1 for count in served), served
     assert sum(served) == 6
 

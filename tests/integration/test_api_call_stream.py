@@ -60,6 +60,8 @@ def test_call_runs_a_signature_with_struct_arguments(client):
     reply = client.call("__call__", arguments, seed=5)
     (image,) = reply.images
     assert image.seed == 5 and (image.image.width, image.image.height) == (64, 64)
+    assert image.image.mime_type == "image/png" and image.nsfw_content_detected is False
+    assert dict(reply.outputs) == {}  # the pipeline's outputs were images (and no nsfw flags): nothing else
     typed = client.text_to_image("a fox", seed=5, steps=4, guidance_scale=7.5)
     assert np.abs(decode(image.image.data) - decode(typed.images[0].image.data)).max() <= 1
 
@@ -97,14 +99,16 @@ def test_custom_pipeline_serves_the_typed_rpcs(client, custom_tag):
         assert (reply.images[0].image.width, reply.images[0].image.height) == (64, 64)
     info = client.get_model(custom_tag).model
     assert info.pipeline_class == "TinyTasksPipeline"
-    assert {s.name: s.task for s in info.signatures}["upscale_noop"] == "other"
+    assert {s.name: s.task for s in info.signatures}["upscale_noop"] == "custom"
 
 
 def test_custom_extra_method_runs_through_call_with_image_and_outputs(client, custom_tag):
     reply = client.call("upscale_noop", {"factor": 2}, images={"image": gradient(32, 32)}, model=custom_tag)
     (image,) = reply.images
     assert np.array_equal(decode(image.image.data), decode(gradient(32, 32)))
-    assert dict(reply.outputs) == {"factor": 2}
+    assert list(reply.outputs.fields) == ["factor"]
+    assert reply.outputs.fields["factor"].WhichOneof("kind") == "number_value"
+    assert reply.outputs.fields["factor"].number_value == 2.0
 
 
 def test_typed_rpc_without_such_signature_is_unimplemented(store, client):

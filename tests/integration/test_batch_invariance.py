@@ -9,7 +9,7 @@ from inprocess import running_server
 from PIL import Image
 
 from batching import BatchKey, Executor, WorkItem
-from batching.diffusers_runner import DiffusersBatchRunner
+from pipelines.worker import PipelineWorker
 from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
 
@@ -31,7 +31,9 @@ def work(tag: str) -> list[WorkItem]:
     keys = {
         "__call__": BatchKey.build(tag, "__call__", {**common, "height": 64, "width": 64}),
         "img2img": BatchKey.build(tag, "img2img", {**common, "strength": 0.75}, group={"input_size": (64, 64)}),
-        "inpaint": BatchKey.build(tag, "inpaint", common, group={"input_size": (64, 64)}),
+        "inpaint": BatchKey.build(
+            tag, "inpaint", {**common, "height": 64, "width": 64}, group={"input_size": (64, 64)}
+        ),
     }
     items = []
     for i in range(16):
@@ -39,7 +41,7 @@ def work(tag: str) -> list[WorkItem]:
         extra = {"image": image} if signature != "__call__" else {}
         if signature == "inpaint":
             extra["mask_image"] = mask
-        prompt = {"prompt": PROMPTS[i % 4], "negative_prompt": "blurry" if i % 2 else ""}
+        prompt = {"prompt": PROMPTS[i % 4], "negative_prompt": "blurry" if i % 2 else "sharp"}
         items.append(WorkItem(keys[signature], {**prompt, **extra}, seed=1000 + 37 * i))
     return items
 
@@ -48,18 +50,18 @@ def pixels(output) -> np.ndarray:
     return np.asarray(output.image, dtype=np.int16)
 
 
-def run_batched_and_alone(runner: DiffusersBatchRunner, tag: str):
+def run_batched_and_alone(worker: PipelineWorker, tag: str):
     items = work(tag)
-    executor = Executor([("cpu", lambda: runner)], max_batch_size=8)
-    executor.submit(items)  # queued before the worker starts: batches fill deterministically
     sizes = []
-    executor._on_batch = lambda report: sizes.append(report.size)
+    executor = Executor([("cpu", lambda: worker)], max_batch_size=8, on_batch=lambda report: sizes.append(report.size))
+    executor.submit(items)  # queued before the worker starts: batches fill deterministically
     executor.start()
     executor.wait_ready(60)
     batched = [item.future.result(120) for item in items]
     executor.shutdown(10)
-    alone = [runner.run_batch(item.key, [item], lambda *a: True)[0] for item in work(tag)]
-    return batched, alone, sizes
+    ran_in = [item.trace.batch_size for item in items]
+    alone = [worker.run_batch(item.key, [item], lambda *a: True)[0] for item in work(tag)]
+    return batched, alone, sizes, ran_in
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +70,19 @@ def model(store):
 
 
 def test_batched_images_match_solo_images_for_all_three_tasks(model):
-    runner = DiffusersBatchRunner({model.tag: model.to_runner("cpu")}, "cpu")
-    batched, alone, sizes = run_batched_and_alone(runner, model.tag)
+    worker = PipelineWorker({model.tag: model.to_runner("cpu")}, "cpu")
+    batched, alone, sizes, ran_in = run_batched_and_alone(worker, model.tag)
     assert sorted(sizes) == [5, 5, 6]  # really batched: one call per task
+    # Each item ran in the call of its task: the text2img call (items 0, 3, ...) held 6, the others 5.
+    assert ran_in == [6 if i % 3 == 0 else 5 for i in range(16)]
     for index, (together, single) in enumerate(zip(batched, alone)):
         assert np.abs(pixels(together) - pixels(single)).max() <= 1, f"item {index} changed when batched"
 
 
 def test_in_float64_batching_is_bit_identical(model):
-    runner = DiffusersBatchRunner({model.tag: model.with_options(torch_dtype="float64").to_runner("cpu")}, "cpu")
-    batched, alone, _ = run_batched_and_alone(runner, model.tag)
+    worker = PipelineWorker({model.tag: model.with_options(torch_dtype="float64").to_runner("cpu")}, "cpu")
+    batched, alone, _, ran_in = run_batched_and_alone(worker, model.tag)
+    assert min(ran_in) == 5
     for index, (together, single) in enumerate(zip(batched, alone)):
         assert np.array_equal(pixels(together), pixels(single)), f"item {index} differs in float64"
 

@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import READINESS, free_port, health_status
+from helpers import READINESS, free_port, health_status, wait_for
 from inprocess import running_server
 
 from service.client import DiffusionClient
-from service.engine import runner_factory
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
+from service.workers import backend_factory
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -182,12 +182,14 @@ def test_metrics_count_requests_and_fill_the_batch_histogram(store):
             list(pool.map(lambda s: client.stub.TextToImage(request(seed=s, steps=4), timeout=60), range(6)))
         with pytest.raises(grpc.RpcError):
             client.text_to_image("x", height=7)
+
         # The server counts an RPC just after its answer leaves, so scrape until the last one is in (bounded).
-        for _ in range(100):
-            after = scrape()
-            done = _metric(after, "diffusers_grpc_requests_total") - _metric(before, "diffusers_grpc_requests_total")
-            if done >= 7 and "diffusers_grpc_in_flight_requests 0.0" in after:
-                break
+        def settled() -> str | None:
+            text = scrape()
+            done = _metric(text, "diffusers_grpc_requests_total") - _metric(before, "diffusers_grpc_requests_total")
+            return text if done >= 7 and "diffusers_grpc_in_flight_requests 0.0" in text else None
+
+        after = wait_for(settled, what="all seven RPCs counted")
     ok = 'diffusers_grpc_requests_total{code="OK",model="%s",rpc="TextToImage"}'
     assert _metric(after, "diffusers_grpc_requests_total") - _metric(before, "diffusers_grpc_requests_total") == 7
     assert 'code="INVALID_ARGUMENT"' in after
@@ -227,8 +229,8 @@ def test_request_id_is_echoed_and_logged_without_the_prompt(store, caplog):
 def test_readiness_waits_for_a_slow_model_load(store):
     gate = threading.Event()
 
-    def slow_factory(served, device):
-        build = runner_factory(served, device)
+    def slow_factory(served, device, warmup):
+        build = backend_factory(served, device, warmup)
 
         def slow():
             gate.wait(60)
@@ -252,10 +254,7 @@ def test_drain_keeps_liveness_serving_and_finishes_in_flight_work(store):
         events = client.stream(request(seed=3, steps=100), timeout=120)
         assert next(events).progress.step == 1  # the request is running
         stopping = server.loop_thread.run_async(server.stop(grace=60))
-        for _ in range(500):
-            if health_status(target, READINESS) == NOT_SERVING:
-                break
-        assert health_status(target, READINESS) == NOT_SERVING
+        wait_for(lambda: health_status(target, READINESS) == NOT_SERVING, what="readiness turning off")
         assert health_status(target, "") == SERVING
         rest = list(events)
         assert rest[-1].WhichOneof("event") == "text_to_image"  # finished, not cancelled
@@ -264,8 +263,8 @@ def test_drain_keeps_liveness_serving_and_finishes_in_flight_work(store):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker dies on purpose
 def test_a_dying_worker_turns_readiness_off_and_fails_its_items(store):
-    def fragile_factory(served, device):
-        build = runner_factory(served, device)
+    def fragile_factory(served, device, warmup):
+        build = backend_factory(served, device, warmup)
 
         def fragile():
             runner = build()
@@ -285,10 +284,7 @@ def test_a_dying_worker_turns_readiness_off_and_fails_its_items(store):
         with pytest.raises(grpc.RpcError) as caught:
             client.text_to_image("die", seed=1, steps=2, timeout=60)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        deadline = 200
-        while health_status(target, READINESS) != NOT_SERVING and deadline:
-            deadline -= 1
-        assert health_status(target, READINESS) == NOT_SERVING
+        wait_for(lambda: health_status(target, READINESS) == NOT_SERVING, what="readiness turning off")
         with pytest.raises(grpc.RpcError) as caught:
             client.text_to_image("after", seed=1, steps=2, timeout=60)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -6,17 +6,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
+import sys
 
-from helpers import ROOT, cli
+from helpers import ROOT, cli, wait_for
 
 from model_store import ModelStore
 
+HOOKED = [sys.executable, str(ROOT / "tests" / "data" / "hooked_cli.py")]
 
-def importer(home, source, name: str, **env: str) -> subprocess.Popen[str]:
+
+def importer(home, source, name: str, pause_marker=None) -> subprocess.Popen[str]:
+    command = cli("models", "import", name, str(source))
+    if pause_marker is not None:  # block inside the staging step, announcing it in the marker file
+        command = [*HOOKED, "pause-in-staging", str(pause_marker), "models", "import", name, str(source)]
     return subprocess.Popen(
-        cli("models", "import", name, str(source)),
-        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home), **env},
+        command,
+        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -27,11 +32,10 @@ def importer(home, source, name: str, **env: str) -> subprocess.Popen[str]:
 def test_an_import_killed_mid_write_leaves_no_visible_model(store, tmp_path):
     home, marker = tmp_path / "home", tmp_path / "staging-marker"
     source = store.get("tiny-sd").path
-    process = importer(home, source, "crashy", DIFFUSERS_GRPC_TEST_PAUSE_IN_STAGING=str(marker))
-    try:
-        while not marker.exists():  # poll until the writer announces it is inside its staging step
-            assert process.poll() is None, process.communicate()
-            time.sleep(0.05)
+    process = importer(home, source, "crashy", pause_marker=marker)
+    try:  # the writer announces it is inside its staging step (a file is all another process can share)
+        wait_for(lambda: marker.exists() or process.poll() is not None, what="the writer reaching staging")
+        assert process.poll() is None, process.communicate()
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(30)

@@ -1,4 +1,4 @@
-"""The batching queue and executor with a fake pipeline that records its calls (no diffusers, no sleeps)."""
+"""The batching queue and executor with a fake backend that records its calls (no diffusers, no sleeps)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from batching import BatchKey, BatchQueue, Executor, QueueFullError, WorkItem
-from batching.errors import DeadlineExceededError, InvalidInputError
+from batching import BatchKey, BatchQueue, Executor, ItemOutput, QueueFullError, WorkItem
+from batching.errors import DeadlineExceededError, InvalidInputError, ItemCancelledError
 
 
 def key(model="m", steps=8, batchable=True):
@@ -20,7 +20,7 @@ def item(k, prompt="p", seed=0, deadline=None):
 
 
 class FakeRunner:
-    """Records calls; can hold the first call behind an event, and fail on a poison prompt."""
+    """A Backend that records calls; can hold each call behind an event, and fail on a poison prompt."""
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.calls: list[tuple[BatchKey, list[str]]] = []
@@ -38,7 +38,7 @@ class FakeRunner:
         self.calls.append((key, prompts))
         if "poison" in prompts:
             raise ValueError("poison prompt")
-        return [f"image:{p}:{i.seed}" for p, i in zip(prompts, items)]
+        return [ItemOutput(f"image:{p}:{i.seed}") for p, i in zip(prompts, items)]
 
 
 def test_queue_takes_the_oldest_group_first_up_to_the_batch_size():
@@ -48,18 +48,23 @@ def test_queue_takes_the_oldest_group_first_up_to_the_batch_size():
     queue.put([item(a, "a1")])
     queue.put([item(b, "b1"), item(b, "b2"), item(b, "b3")])
     queue.put([item(a, "a2")])
-    first = queue.take(max_batch_size=2)
+    first = queue.take(lambda key: 2)
     assert first.key == a and [i.inputs["prompt"] for i in first.items] == ["a1", "a2"]
-    second = queue.take(max_batch_size=2)
+    second = queue.take(lambda key: 2)
     assert [i.inputs["prompt"] for i in second.items] == ["b1", "b2"]
-    assert [i.inputs["prompt"] for i in queue.take(max_batch_size=2).items] == ["b3"]
+    assert [i.inputs["prompt"] for i in queue.take(lambda key: 2).items] == ["b3"]
 
 
 def test_non_batchable_keys_run_one_item_per_call():
-    queue = BatchQueue(10)
-    k = key(batchable=False)
-    queue.put([item(k, "x"), item(k, "y")])
-    assert len(queue.take(8).items) == 1
+    runner = FakeRunner()
+    executor = Executor([("fake", lambda: runner)], max_batch_size=8)
+    items = [item(key(batchable=False), "x"), item(key(batchable=False), "y")]
+    executor.submit(items)  # queued before the worker starts: a batchable key would run both in one call
+    executor.start()
+    executor.wait_ready(5)
+    assert [i.future.result(5).image for i in items] == ["image:x:0", "image:y:0"]
+    executor.shutdown(5)
+    assert [prompts for _, prompts in runner.calls] == [["x"], ["y"]]
 
 
 def test_full_queue_refuses_the_whole_request_at_once():
@@ -77,7 +82,7 @@ def test_expired_items_never_run_and_get_deadline_exceeded():
     on_time = item(key(), "ok", deadline=100.0)
     queue.put([late, on_time])
     now[0] = 12.0
-    batch = queue.take(8)
+    batch = queue.take(lambda key: 8)
     assert [i.inputs["prompt"] for i in batch.items] == ["ok"]
     with pytest.raises(DeadlineExceededError):
         late.future.result(0)
@@ -104,7 +109,7 @@ def test_executor_batches_waiting_items_and_never_mixes_keys():
     executor.shutdown(5)
     keys_and_prompts = [(k.kwargs()["num_inference_steps"], p) for k, p in runner.calls]
     assert keys_and_prompts == [(1, ["first"]), (8, ["a0", "a1", "a2", "a3"]), (4, ["b0", "b1"]), (8, ["a4"])]
-    assert a_items[2].future.result() == "image:a2:2"
+    assert a_items[2].future.result() == ItemOutput("image:a2:2")
 
 
 def test_a_poison_item_fails_alone_and_its_batch_mates_succeed():
@@ -119,8 +124,8 @@ def test_a_poison_item_fails_alone_and_its_batch_mates_succeed():
     items = [item(key(), p) for p in ("ok1", "poison", "ok2")]
     executor.submit(items)
     gate.set()
-    assert items[0].future.result(5) == "image:ok1:0"
-    assert items[2].future.result(5) == "image:ok2:0"
+    assert items[0].future.result(5) == ItemOutput("image:ok1:0")
+    assert items[2].future.result(5) == ItemOutput("image:ok2:0")
     with pytest.raises(InvalidInputError, match="poison"):
         items[1].future.result(5)
     executor.shutdown(5)
@@ -138,7 +143,7 @@ def test_cancelled_items_never_run():
     executor.submit([keep, drop])
     drop.cancel()
     gate.set()
-    assert keep.future.result(5) == "image:keep:0"
+    assert keep.future.result(5) == ItemOutput("image:keep:0")
     executor.shutdown(5)
     assert all("drop" not in prompts for _, prompts in runner.calls)
     assert drop.future.cancelled()
@@ -199,7 +204,7 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_limit():
     items = [item(key(), f"p{i}", seed=i) for i in range(8)]
     executor.submit(items)
     gate.set()
-    assert [i.future.result(5) for i in items] == [f"image:p{i}:{i}" for i in range(8)]
+    assert [i.future.result(5).image for i in items] == [f"image:p{i}:{i}" for i in range(8)]
     assert runner.sizes[1:] == [8, 4, 2, 2, 4, 2, 2]  # halved until it fits
     assert executor.policy.limit(key(), executor._clock()) == 2  # lowered to what fits, for a while
     executor.shutdown(5)
@@ -226,7 +231,7 @@ def test_a_deadline_shorter_than_a_known_call_is_refused_at_once():
         executor.policy.observe(key(), size, 0.5 + 0.1 * size)
     with pytest.raises(DeadlineExceededError, match="a call takes about"):
         executor.submit([item(key(), deadline=100.2)])
-    executor.queue.put([item(key(), deadline=101.0)])  # enough time: accepted
+    executor.submit([item(key(), deadline=101.0)])  # enough time: accepted (the worker is not started)
     assert len(executor.queue) == 1
 
 
@@ -242,7 +247,7 @@ def test_two_workers_run_batches_at_the_same_time():
     assert runners[0].started.wait(5) and runners[1].started.wait(5)  # both busy at once
     for gate in gates:
         gate.set()
-    assert {first.future.result(5), second.future.result(5)} == {"image:a:0", "image:b:0"}
+    assert {first.future.result(5).image, second.future.result(5).image} == {"image:a:0", "image:b:0"}
     executor.shutdown(5)
 
 
@@ -278,6 +283,123 @@ def test_a_request_larger_than_the_batch_limit_is_split_across_calls():
     executor.submit(items)  # queued before the worker starts
     executor.start()
     executor.wait_ready(5)
-    assert [i.future.result(5) for i in items] == [f"image:p{i}:{40 + i}" for i in range(5)]
+    assert [i.future.result(5).image for i in items] == [f"image:p{i}:{40 + i}" for i in range(5)]
     executor.shutdown(5)
     assert [len(prompts) for _, prompts in runner.calls] == [2, 2, 1]
+
+
+# --- regressions: the executor bugs the seam review found -------------------------------------------------------
+
+
+class MiscountingRunner(FakeRunner):
+    """Returns one result too few for batches of `short_at` items or more: a backend bug."""
+
+    def __init__(self, short_at: int, gate: threading.Event | None = None) -> None:
+        super().__init__(gate)
+        self.short_at = short_at
+
+    def run_batch(self, key, items, on_step):
+        results = super().run_batch(key, items, on_step)
+        return results[:-1] if len(items) >= self.short_at else results
+
+
+def _started(runner, **options):
+    executor = Executor([("fake", lambda: runner)], **options)
+    executor.start()
+    executor.wait_ready(5)
+    return executor
+
+
+def test_a_result_count_mismatch_fails_exactly_that_call_and_the_worker_keeps_serving():
+    from batching import ResultMismatchError
+
+    gate = threading.Event()
+    runner = MiscountingRunner(short_at=2, gate=gate)
+    executor = _started(runner, max_batch_size=8)
+    executor.submit([item(key(steps=1), "blocker")])
+    assert runner.started.wait(5)
+    items = [item(key(), f"p{i}") for i in range(3)]
+    executor.submit(items)
+    gate.set()
+    for queued in items:
+        with pytest.raises(ResultMismatchError, match="2 results for 3 items"):
+            queued.future.result(5)
+    after = item(key(steps=2), "after")
+    executor.submit([after])
+    assert after.future.result(5) == ItemOutput("image:after:0")  # the worker lives on
+    assert executor.healthy
+    executor.shutdown(5)
+
+
+def test_a_result_of_the_wrong_type_fails_its_items():
+    from batching import CallOutput, ResultMismatchError
+
+    class Untyped(FakeRunner):
+        def run_batch(self, key, items, on_step):
+            return [CallOutput({"x": 1}) for _ in items]  # a task batch must give ItemOutputs
+
+    executor = _started(Untyped())
+    lone = item(key(), "x")
+    executor.submit([lone])
+    with pytest.raises(ResultMismatchError, match="must give ItemOutput"):
+        lone.future.result(5)
+    executor.shutdown(5)
+
+
+def test_a_retry_that_returns_the_wrong_count_fails_only_its_item():
+    from batching import ResultMismatchError
+
+    class PoisonThenMiscount(FakeRunner):
+        """The batch fails on a poison prompt; retried alone, the item 'bad' gets no result at all."""
+
+        def run_batch(self, key, items, on_step):
+            results = super().run_batch(key, items, on_step)
+            return [] if [i.inputs["prompt"] for i in items] == ["bad"] else results
+
+    gate = threading.Event()
+    runner = PoisonThenMiscount(gate)
+    executor = _started(runner, max_batch_size=8)
+    executor.submit([item(key(steps=1), "blocker")])
+    assert runner.started.wait(5)
+    items = [item(key(), p) for p in ("ok", "poison", "bad")]
+    executor.submit(items)
+    gate.set()
+    assert items[0].future.result(5) == ItemOutput("image:ok:0")
+    with pytest.raises(InvalidInputError):
+        items[1].future.result(5)
+    with pytest.raises(ResultMismatchError, match="0 results for 1 items"):
+        items[2].future.result(5)
+    assert executor.healthy
+    executor.shutdown(5)
+
+
+def test_only_completed_uninterrupted_calls_teach_the_cost_model_at_their_real_size():
+    observed = []
+
+    class Interruptible(FakeRunner):
+        def run_batch(self, key, items, on_step):
+            self.started.set()
+            if self.gate is not None:
+                self.gate.wait(10)
+            for step in range(1, 4):
+                if not on_step(step, 3, None):
+                    return [ItemOutput("partial") for _ in items]  # stopped early, as diffusers does
+            return super().run_batch(key, items, on_step)
+
+    gate = threading.Event()
+    runner = Interruptible(gate)
+    executor = _started(runner, max_batch_size=8)
+    executor.policy.observe = lambda k, size, seconds: observed.append((k, size))
+    first = item(key(steps=1), "first")
+    executor.submit([first])
+    assert runner.started.wait(5)
+    first.cancel()  # its caller goes away mid-run: the call is interrupted at its next step
+    gate.set()
+    with pytest.raises(ItemCancelledError):
+        first.future.result(5)
+    retried = [item(key(), p) for p in ("ok", "poison")]
+    executor.submit(retried)
+    assert retried[0].future.result(5).image == "image:ok:0"
+    executor.shutdown(5)
+    # Not the interrupted call, nor the failed batch of two; the two retries, each at the size it ran (1).
+    assert observed == [(key(), 1)]

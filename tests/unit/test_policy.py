@@ -69,16 +69,13 @@ def test_out_of_memory_halves_the_limit_for_a_while():
 
 
 def test_queue_dispatches_a_lone_item_without_waiting_for_max_wait():
-    """A frozen clock and an hour of max_wait: if the queue held the item, take() would block for an hour."""
+    """A frozen clock and an hour of max_wait: a held item would make a non-blocking take come back empty."""
     frozen = lambda: 5.0  # noqa: E731
     policy = trained(BatchPolicy(8, max_wait=3600.0))
     queue = BatchQueue(16, clock=frozen, policy=policy)
     queue.put([WorkItem(KEY, {"prompt": "alone"}, seed=0)])  # first arrival: no rate known
-    taken = []
-    worker = threading.Thread(target=lambda: taken.append(queue.take(8)))
-    worker.start()
-    worker.join(timeout=10)
-    assert not worker.is_alive() and len(taken[0].items) == 1
+    taken = queue.take(lambda key: 8, block=False)
+    assert taken is not None and len(taken.items) == 1
 
 
 def test_queue_holds_a_partial_batch_under_load_and_releases_it_when_full():
@@ -89,11 +86,39 @@ def test_queue_holds_a_partial_batch_under_load_and_releases_it_when_full():
         now[0] = i * 0.001
         policy.arrived(KEY, now[0])
     queue.put([WorkItem(KEY, {"prompt": "a"}, seed=0)])
-    taken = []
-    worker = threading.Thread(target=lambda: taken.append(queue.take(4)))
-    worker.start()
-    worker.join(timeout=0.5)
-    assert worker.is_alive() and not taken  # held: more items are expected at once
+    assert queue.take(lambda key: 4, block=False) is None  # held: more items are expected at once
     queue.put([WorkItem(KEY, {"prompt": p}, seed=0) for p in "bcd"])  # the batch fills: released
+    taken = queue.take(lambda key: 4, block=False)
+    assert [i.inputs["prompt"] for i in taken.items] == ["a", "b", "c", "d"]
+
+
+def test_a_blocked_take_wakes_when_the_held_batch_fills():
+    now = [0.0]
+    policy = trained(BatchPolicy(2, max_wait=3600.0))
+    queue = BatchQueue(16, clock=lambda: now[0], policy=policy)
+    for i in range(10):
+        now[0] = i * 0.001
+        policy.arrived(KEY, now[0])
+    queue.put([WorkItem(KEY, {"prompt": "a"}, seed=0)])
+    taken = []
+    worker = threading.Thread(target=lambda: taken.append(queue.take(lambda key: 2)))
+    worker.start()
+    queue.put([WorkItem(KEY, {"prompt": "b"}, seed=0)])  # wakes the waiting worker: now full
     worker.join(timeout=10)
-    assert [i.inputs["prompt"] for i in taken[0].items] == ["a", "b", "c", "d"]
+    assert not worker.is_alive() and [i.inputs["prompt"] for i in taken[0].items] == ["a", "b"]
+
+
+def test_the_row_budget_follows_the_learned_tick_cost_and_out_of_memory():
+    policy = BatchPolicy(8, 0.0)
+    group = ("tiny", 8, 8)
+    assert policy.row_budget(group, 0.0) == 16  # nothing learned: two rows per item of the batch limit
+    for rows in (2, 4, 8, 16):  # fixed 10 ms, 5 ms a row: doubling past 18 rows pays less than 10%
+        policy.observe(group, rows, 0.010 + 0.005 * rows)
+    assert policy.row_budget(group, 0.0) == 16
+    for rows in (2, 4, 8, 16):  # a device where rows dominate: 1 ms fixed, 1 ms a row
+        for _ in range(40):
+            policy.observe(group, rows, 0.001 + 0.001 * rows)
+    assert policy.row_budget(group, 0.0) == 9
+    policy.out_of_memory(group, 8, now=1.0)
+    assert policy.row_budget(group, 1.0) == 4
+    assert policy.row_budget(group, 1.0 + OOM_COOLDOWN + 1) == 9

@@ -87,7 +87,9 @@ Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class GenerationParams(_message.Message):
-    """Parameters shared by the typed tasks. An absent optional field means the model's default."""
+    """Parameters shared by the typed tasks. An absent optional field means the model's default: the default of
+    the served pipeline's own call (for example 50 steps and guidance 7.5 for Stable Diffusion 1.x, 5.0 for SDXL).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

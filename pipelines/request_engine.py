@@ -1,0 +1,119 @@
+"""Request batching: one whole pipeline call per batch, per-item inputs stacked, one generator per item.
+
+Two kinds of call (`BatchKey.kind`):
+- `TASK` (the typed RPCs): output `(images, nsfw_flags)`, split into one `ItemOutput` per item;
+- `CALL` (a signature called by name): the method's outputs by name, split per item where an output is a
+  per-item list, otherwise given whole to every item (`CallOutput`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from batching import BatchKey, CallOutput, ItemOutput, StepHook, WorkItem, WorkKind
+from model_store import interface
+
+from .device import Device
+
+SCHEDULER_PARAM = "scheduler"
+
+
+class RequestEngine:
+    """Runs request batches on one device's replicas of the served models (`model_store` runners)."""
+
+    def __init__(self, models: Mapping[str, Any], device: Device) -> None:
+        self.models = models
+        self.device = device
+        self._schedulers: dict[tuple[int, str], Any] = {}
+
+    def run(self, key: BatchKey, items: Sequence[WorkItem], on_step: StepHook) -> list[Any]:
+        import torch
+
+        signature = self.models[key.model].signatures[key.signature]
+        is_call = key.kind is WorkKind.CALL
+        kwargs = key.kwargs()
+        self._use_scheduler(signature.pipeline, kwargs.pop(SCHEDULER_PARAM, None))
+        if key.batchable:
+            for name in items[0].inputs:
+                kwargs[name] = stack([item.inputs[name] for item in items], key.batch_dim)
+        else:  # one item per call: its arguments go as they are, not as a batch of one
+            kwargs.update(items[0].inputs)
+        function = signature.function
+        if interface.accepts(function, "generator"):
+            # CPU generators: a seed gives the same starting noise on every device type. One per item, so an
+            # image depends on its own seed only; a lone generic call gets a plain generator (its method may
+            # make several images from it).
+            generators = [torch.Generator("cpu").manual_seed(item.seed % 2**64) for item in items]
+            kwargs["generator"] = generators[0] if is_call and len(items) == 1 else generators
+        if interface.accepts(function, "callback_on_step_end"):
+            kwargs["callback_on_step_end"] = _step_callback(on_step)
+        with self.device.running():
+            if is_call:
+                return split_named(named_outputs(function(**kwargs)), len(items))
+            outputs = signature.run(**kwargs)
+        return split_outputs(outputs, len(items))
+
+    def _use_scheduler(self, pipeline: Any, name: str | None) -> None:
+        """Put this worker's own instance of the named scheduler (or the model's own) on the pipeline."""
+        base_key = (id(pipeline), "")
+        if base_key not in self._schedulers:
+            self._schedulers[base_key] = pipeline.scheduler
+        if not name:
+            pipeline.scheduler = self._schedulers[base_key]
+            return
+        cache_key = (id(pipeline), name)
+        if cache_key not in self._schedulers:
+            import diffusers
+
+            base = self._schedulers[base_key]
+            self._schedulers[cache_key] = getattr(diffusers, name).from_config(base.config)
+        pipeline.scheduler = self._schedulers[cache_key]
+
+
+def stack(values: Sequence[Any], batch_dim: int) -> Any:
+    """Stack per-item values: tensors along batch_dim, anything else (str, PIL image, None) into a list."""
+    first = values[0]
+    if type(first).__module__.startswith("torch") and hasattr(first, "dim"):
+        import torch
+
+        return torch.cat(list(values), dim=batch_dim)
+    return list(values)
+
+
+def split_outputs(outputs: tuple[Any, ...], count: int) -> list[ItemOutput]:
+    """Split `(images, nsfw_flags, ...)` into one ItemOutput per item (the executor checks the count)."""
+    images = outputs[0]
+    nsfw = outputs[1] if len(outputs) > 1 and isinstance(outputs[1], (list, tuple)) else None
+    return [ItemOutput(image, bool(nsfw[i]) if nsfw and i < len(nsfw) else False) for i, image in enumerate(images)]
+
+
+def split_named(values: Mapping[str, Any], count: int) -> list[CallOutput]:
+    """Give each item its element of per-item outputs (lists as long as the batch), and every other output whole."""
+    if count == 1:
+        return [CallOutput(dict(values))]
+    per_item: list[dict[str, Any]] = [{} for _ in range(count)]
+    for name, value in values.items():
+        split = isinstance(value, (list, tuple)) and len(value) == count
+        for index in range(count):
+            per_item[index][name] = [value[index]] if split else value
+    return [CallOutput(v) for v in per_item]
+
+
+def named_outputs(result: Any) -> dict[str, Any]:
+    """A method's outputs by name: a diffusers BaseOutput (an OrderedDict) by its fields, a tuple by position."""
+    if isinstance(result, Mapping):
+        return {str(k): v for k, v in result.items() if v is not None}
+    if isinstance(result, tuple):
+        return {f"output_{i}": v for i, v in enumerate(result)}
+    return {"output": result}
+
+
+def _step_callback(on_step: StepHook) -> Callable[..., dict[str, Any]]:
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        total = int(getattr(pipe, "num_timesteps", 0) or 0)
+        if not on_step(step + 1, total, tensors.get("latents")):
+            pipe._interrupt = True  # diffusers' documented way to stop a call at its next step
+        return tensors
+
+    return callback

@@ -1,0 +1,221 @@
+"""The edge: proto messages to domain requests, and domain results back to proto messages.
+
+In the spirit of TGI's `from_pb`/`to_pb`: the servicer hands a request here and gets a domain object back, and
+hands results here to get the reply; requests and replies are converted here and nowhere else. Encoding images
+(tens of ms) happens in the `*_response` functions, which the servicer runs off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+from PIL import Image
+
+from batching import CallOutput, ItemOutput, StepEvent
+from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG
+
+from . import imaging
+from .domain import CallRequest, Params, TaskRequest
+from .generated.diffusion.v1 import diffusion_pb2 as pb
+from .generation import CallJob, Generation
+from .registry import ServedModel
+
+MAX_LISTED_VALUES = 65536  # larger arrays are summarised, not sent
+NSFW_OUTPUT = "nsfw_content_detected"
+_FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    pb.OUTPUT_FORMAT_PNG: "png",
+    pb.OUTPUT_FORMAT_JPEG: "jpeg",
+    pb.OUTPUT_FORMAT_WEBP: "webp",
+}
+_TASK_OF_REQUEST = {pb.TextToImageRequest: TEXT2IMG, pb.ImageToImageRequest: IMG2IMG, pb.InpaintRequest: INPAINT}
+_RESPONSE_OF_TASK = {TEXT2IMG: pb.TextToImageResponse, IMG2IMG: pb.ImageToImageResponse, INPAINT: pb.InpaintResponse}
+# StreamRequest's oneof field -> StreamResponse's oneof field of the result
+STREAM_RESULT_FIELD = {
+    "text_to_image": "text_to_image",
+    "image_to_image": "image_to_image",
+    "inpaint": "inpaint",
+    "call": "call",
+}
+
+TypedRequest = pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest
+TypedResponse = pb.TextToImageResponse | pb.ImageToImageResponse | pb.InpaintResponse
+
+# --- requests ------------------------------------------------------------------------------------------------
+
+
+def task_request(request: TypedRequest) -> TaskRequest:
+    """A TextToImage, ImageToImage or Inpaint request in domain form."""
+    task = _TASK_OF_REQUEST[type(request)]
+    image = mask = strength = None
+    if isinstance(request, (pb.ImageToImageRequest, pb.InpaintRequest)):
+        image = request.image.data
+        strength = request.strength if request.HasField("strength") else None
+    if isinstance(request, pb.InpaintRequest):
+        mask = request.mask_image.data
+    return TaskRequest(
+        task=task,
+        model=request.model,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        params=params(request.params),
+        image=image,
+        mask_image=mask,
+        strength=strength,
+    )
+
+
+def params(message: pb.GenerationParams) -> Params:
+    fields: Any = message  # HasField's stub wants literal names
+
+    def given(name: str) -> Any:
+        return getattr(message, name) if fields.HasField(name) else None
+
+    return Params(
+        steps=given("num_inference_steps"),
+        guidance_scale=given("guidance_scale"),
+        height=given("height"),
+        width=given("width"),
+        seed=given("seed"),
+        num_images=message.num_images or 1,
+        scheduler=message.scheduler or None,
+        eta=given("eta"),
+        output_format=output_format(message.output_format),
+        quality=given("quality"),
+    )
+
+
+def call_request(request: pb.CallRequest) -> CallRequest:
+    arguments = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else {}
+    return CallRequest(
+        model=request.model,
+        signature=request.signature,
+        arguments=arguments,
+        images={name: image.data for name, image in request.images.items()},
+        seed=request.seed if request.HasField("seed") else None,
+        output_format=output_format(request.output_format),
+    )
+
+
+def output_format(value: int) -> str:
+    return _FORMATS.get(value, f"#{value}")  # type: ignore[call-overload]
+
+
+def stream_request(request: pb.StreamRequest) -> tuple[str | None, TaskRequest | CallRequest | None, int]:
+    """(the oneof field set, its request in domain form, preview_every); (None, None, ...) when none is set."""
+    kind = request.WhichOneof("request")
+    if kind is None:
+        return None, None, request.preview_every
+    inner = getattr(request, kind)
+    return kind, call_request(inner) if kind == "call" else task_request(inner), request.preview_every
+
+
+# --- responses -----------------------------------------------------------------------------------------------
+
+
+def task_response(job: Generation, outputs: Sequence[ItemOutput]) -> TypedResponse:
+    """The typed response of a task: resolved tag, each image encoded with its seed, warnings."""
+    images = [
+        pb.GeneratedImage(
+            image=image_message(output.image, job.mime_type, job.quality, job.describe(seed)),
+            seed=seed,
+            nsfw_content_detected=output.nsfw,
+        )
+        for seed, output in zip(job.seeds(), outputs)
+    ]
+    response = _RESPONSE_OF_TASK[job.task](model=job.served.tag, images=images, warnings=job.warnings)
+    return response  # type: ignore[return-value]
+
+
+def call_response(job: CallJob, output: CallOutput) -> pb.CallResponse:
+    """Images (PIL, alone or in lists) become GeneratedImages; everything else goes into the outputs Struct."""
+    images: list[Image.Image] = []
+    others: dict[str, Any] = {}
+    for name, value in output.values.items():
+        found = _images_in(value)
+        if found:
+            images += found
+        elif name != NSFW_OUTPUT:
+            others[name] = jsonable(value)
+    flags = output.values.get(NSFW_OUTPUT)
+    flags = list(flags) if isinstance(flags, (list, tuple)) and len(flags) == len(images) else [False] * len(images)
+    text = job.describe(job.seed)
+    response = pb.CallResponse(
+        model=job.served.tag,
+        images=[
+            pb.GeneratedImage(
+                image=image_message(image, job.mime_type, None, text), seed=job.seed, nsfw_content_detected=bool(flag)
+            )
+            for image, flag in zip(images, flags)
+        ],
+    )
+    response.outputs.update(others)
+    return response
+
+
+def stream_result(kind: str, response: TypedResponse | pb.CallResponse) -> pb.StreamResponse:
+    event = pb.StreamResponse()
+    getattr(event, STREAM_RESULT_FIELD[kind]).CopyFrom(response)
+    return event
+
+
+def progress(event: StepEvent, preview_every: int) -> pb.StreamResponse:
+    """A Progress event, with a small preview of the item's latents every `preview_every` steps and at the end."""
+    message = pb.Progress(step=event.step, total_steps=event.total, elapsed_seconds=event.elapsed)
+    if preview_every and (event.step % preview_every == 0 or event.step == event.total):
+        preview = imaging.latent_preview(event.latents)
+        if preview is not None:
+            message.preview.CopyFrom(image_message(preview, imaging.PNG, None, {}))
+    return pb.StreamResponse(progress=message)
+
+
+def model_info(served: ServedModel) -> pb.ModelInfo:
+    model = served.model
+    return pb.ModelInfo(
+        tag=model.tag,
+        signatures=[
+            pb.SignatureInfo(name=s.name, batchable=s.batchable, batch_dim=s.batch_dim, task=s.task)
+            for s in model.signatures.values()
+        ],
+        pipeline_class=model.info.pipeline_class,
+        schedulers=list(served.defaults.compatible_schedulers),
+        default_height=served.defaults.height,
+        default_width=served.defaults.width,
+        labels=dict(model.info.labels),
+        default_scheduler=served.defaults.scheduler,
+    )
+
+
+def image_message(image: Image.Image, mime_type: str, quality: int | None, text: Mapping[str, str]) -> pb.Image:
+    encoded = imaging.encode(image, mime_type, quality=quality, text=text)
+    return pb.Image(data=encoded.data, mime_type=encoded.mime_type, width=encoded.width, height=encoded.height)
+
+
+def _images_in(value: Any) -> list[Image.Image]:
+    if isinstance(value, Image.Image):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Image.Image) for v in value):
+        return list(value)
+    return []
+
+
+def jsonable(value: Any) -> Any:
+    """A Struct-compatible form of an output value; big arrays are summarised instead of sent."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "tolist"):
+        size = 1
+        for side in shape:
+            size *= int(side)
+        if size <= MAX_LISTED_VALUES:
+            data = value.detach().cpu() if hasattr(value, "detach") else value
+            return data.tolist()
+        return f"<array of shape {tuple(int(s) for s in shape)} omitted>"
+    return str(value)

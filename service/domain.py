@@ -1,0 +1,53 @@
+"""Requests as the client sent them, in plain Python: what `convert` makes of proto messages, before validation.
+
+A field the client did not give is None. An empty proto string means "not given" too, so an optional text such
+as `negative_prompt` is None, never "" (SDXL, for one, treats the two differently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Params:
+    """GenerationParams: None where the client left the model's default."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None
+    eta: float | None = None
+    output_format: str = "png"  # "png", "jpeg", "webp", or "#N" for an enum value this server does not know
+    quality: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A TextToImage, ImageToImage or Inpaint request."""
+
+    task: str  # "text2img", "img2img" or "inpaint"
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    params: Params = field(default_factory=Params)
+    image: bytes | None = None  # encoded input image (img2img, inpaint)
+    mask_image: bytes | None = None  # encoded mask (inpaint)
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """A Call of a declared signature by name."""
+
+    model: str
+    signature: str
+    arguments: Mapping[str, Any]  # JSON-like values
+    images: Mapping[str, bytes]  # encoded image arguments by name
+    seed: int | None = None
+    output_format: str = "png"
