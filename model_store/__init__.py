@@ -19,7 +19,8 @@ from .errors import (
     StoreError,
     UntrustedCodeError,
 )
-from .model import LoadOptions, Model, ModelInfo
+from .model import Model, ModelInfo
+from .options import LoadOptions
 from .signatures import Signature
 from .store import ModelStore, default_home
 from .tags import Tag

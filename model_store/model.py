@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,11 +13,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import IntegrityError, StoreError, UntrustedCodeError
+from .options import LoadOptions, scheduler_class
+from .options import check as check_options
 from .signatures import Signature
 
 if TYPE_CHECKING:
     from .runner import Runner
 
+log = logging.getLogger(__name__)
 MODEL_FILE = "model.yaml"
 FORMAT_VERSION = 1
 
@@ -77,30 +81,12 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class LoadOptions:
-    """How to load a stored pipeline. Immutable: `Model.with_options` returns a new Model."""
-
-    device: str | None = None
-    torch_dtype: str | None = None  # "float32", "float16", "bfloat16", "float64"
-    scheduler: str | type | None = None  # a diffusers scheduler class (or its name), built with from_config
-    pipeline_class: str | type | None = None  # a class, a diffusers class name, or a dotted "module.Class"
-    custom_pipeline: str | None = None  # a local .py file; needs trust_remote_code
-    trust_remote_code: bool = False
-    variant: str | None = None
-    attention_slicing: bool = False
-    vae_slicing: bool = False
-    vae_tiling: bool = False
-    cpu_offload: bool = False  # accelerate's model CPU offload (needs a CUDA device)
-    allow_pickle: bool = False  # load .bin/.ckpt weights too; safetensors only otherwise
-
-
-@dataclass(frozen=True)
 class Model:
     """A model in the store: `name:version`, its folder, its info, and how to load it."""
 
     path: Path
     info: ModelInfo
-    options: LoadOptions = LoadOptions()
+    options: LoadOptions = field(default_factory=LoadOptions)
 
     @classmethod
     def load(cls, folder: Path) -> Model:
@@ -129,16 +115,17 @@ class Model:
         return self.info.signatures
 
     def with_options(self, **options: Any) -> Model:
-        """A copy of this model that loads with the given options (see LoadOptions)."""
+        """A copy of this model that loads with the given options (see `model_store.options.LoadOptions`); they
+        win over the options stored with the model."""
         from .custom import require_trust
 
-        known = {f.name for f in dataclasses.fields(LoadOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise StoreError(f"unknown load option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        merged = dataclasses.replace(self.options, **options)
+        merged = dataclasses.replace(self.options, **check_options(options))
         require_trust(merged.custom_pipeline, merged.trust_remote_code)
         return dataclasses.replace(self, options=merged)
+
+    def effective_options(self) -> LoadOptions:
+        """The options a load uses: the operator's, then those stored at import (model.yaml), then defaults."""
+        return self.options.merged_with(self.info.options)
 
     def pipeline_type(self) -> type:
         """The pipeline class this model loads as (custom code is imported only when trusted)."""
@@ -180,28 +167,30 @@ class Model:
 
     def load_pipeline(self, device: str | None = None) -> Any:
         """Load the stored pipeline with this model's options, on `device` (default: the option, else cpu)."""
-        import diffusers
         import torch
 
         os.environ.setdefault("DIFFUSERS_DISABLE_REMOTE_CODE", "1")  # never fetch code while loading
-        opts = self.options
+        opts = self.effective_options()
         pipeline_cls: Any = self.pipeline_type()
         # safetensors only, unless the user opted in to pickled weights
         kwargs: dict[str, Any] = {} if opts.allow_pickle else {"use_safetensors": True}
         if opts.torch_dtype:
             kwargs["torch_dtype"] = getattr(torch, opts.torch_dtype)
-        variant = opts.variant or self.info.options.get("variant")
-        if variant:
-            kwargs["variant"] = variant
+        if opts.variant:
+            kwargs["variant"] = opts.variant
         pipeline = pipeline_cls.from_pretrained(self.path, **kwargs)
         if opts.scheduler:
-            scheduler_cls: Any = (
-                opts.scheduler if isinstance(opts.scheduler, type) else getattr(diffusers, opts.scheduler)
-            )
-            pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+            scheduler: Any = scheduler_class(opts.scheduler)
+            pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
         target = device or opts.device or "cpu"
-        if opts.cpu_offload and target.startswith("cuda"):
+        offload = opts.cpu_offload or "none"
+        if offload != "none" and not target.startswith("cuda"):
+            log.warning("%s: cpu_offload=%s needs a CUDA device; loading on %s as it is", self.tag, offload, target)
+            offload = "none"
+        if offload == "model":
             pipeline.enable_model_cpu_offload(device=target)
+        elif offload == "sequential":
+            pipeline.enable_sequential_cpu_offload(device=target)
         else:
             pipeline.to(target)
         if opts.attention_slicing:
@@ -210,6 +199,8 @@ class Model:
             pipeline.vae.enable_slicing()
         if opts.vae_tiling:
             pipeline.vae.enable_tiling()
+        if opts.compile:
+            compile_denoiser(pipeline, target)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -218,6 +209,17 @@ class Model:
         from .runner import Runner
 
         return Runner(self, self.load_pipeline(device))
+
+
+def compile_denoiser(pipeline: Any, device: str) -> None:
+    """torch.compile the pipeline's denoiser (UNet or transformer) in place; CUDA only (on the CPU it costs minutes
+    of compilation for little gain, so it is refused). The first calls at each new shape compile: warm up."""
+    if not device.startswith("cuda"):
+        raise StoreError(f"compile needs a CUDA device, not {device}")
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    if denoiser is None:
+        raise StoreError(f"{type(pipeline).__name__} has no unet or transformer to compile")
+    denoiser.compile(dynamic=True)  # batch rows vary from call to call: one graph for every batch size
 
 
 def resolve_pipeline_class(spec: str | type, *, diffusers_only: bool = False) -> type:
@@ -243,42 +245,3 @@ def resolve_pipeline_class(spec: str | type, *, diffusers_only: bool = False) ->
         where = "diffusers" if not module_name or diffusers_only else module_name
         raise StoreError(f"pipeline class {spec!r} is not a DiffusionPipeline class in {where}")
     return found
-
-
-@dataclass(frozen=True)
-class PipelineDefaults:
-    """Facts read from a stored pipeline's config files, without loading any weights."""
-
-    height: int
-    width: int
-    scheduler: str
-    compatible_schedulers: tuple[str, ...]
-
-
-def read_pipeline_defaults(folder: Path) -> PipelineDefaults:
-    """Default output size (UNet sample size x VAE scale factor) and the scheduler choices of a stored pipeline."""
-    import json
-
-    def config(part: str, name: str) -> dict[str, Any]:
-        try:
-            return dict(json.loads((folder / part / name).read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            return {}
-
-    unet, vae = config("unet", "config.json"), config("vae", "config.json")
-    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    sample = unet.get("sample_size", 64)
-    height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)[:2]
-    scheduler = str(config("scheduler", "scheduler_config.json").get("_class_name", ""))
-    return PipelineDefaults(int(height) * scale, int(width) * scale, scheduler, _compatibles(scheduler))
-
-
-def _compatibles(scheduler: str) -> tuple[str, ...]:
-    import diffusers
-
-    cls = getattr(diffusers, scheduler, None)
-    if cls is None:
-        return ()
-    names = {scheduler} | {str(name) for name in getattr(cls, "_compatibles", [])}
-    # Only schedulers that build from this config without extra packages (e.g. scipy/torchsde extras).
-    return tuple(sorted(n for n in names if getattr(diffusers, n, None) is not None and "Dummy" not in n))

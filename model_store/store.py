@@ -26,6 +26,7 @@ from .custom import load_class, require_trust, source_file
 from .errors import ModelExistsError, ModelNotFoundError, StoreError
 from .files import atomic_write_text, copy_tree, fsync_dir, fsync_tree, list_files, sha256_file
 from .model import MODEL_FILE, Model, ModelInfo, resolve_pipeline_class
+from .options import STORED_KEYS, check_stored
 from .signatures import parse_signatures
 from .tags import LATEST, Tag, new_version, validate_part
 
@@ -113,12 +114,14 @@ class ModelStore:
         version: str | None = None,
         custom_pipeline: str | os.PathLike[str] | None = None,
         trust_remote_code: bool = False,
+        options: Mapping[str, Any] | None = None,
     ) -> Model:
         """Copy a diffusers pipeline folder (or a hub id, resolved through the local HF cache) into the store.
 
         `custom_pipeline` is a local .py file (or folder with pipeline.py) whose DiffusionPipeline subclass
         replaces the folder's class; it is copied into the model and needs `trust_remote_code=True`.
-        `tasks` overrides the task derived for named signatures.
+        `tasks` overrides the task derived for named signatures. `options` are load options stored with the
+        model (`model_store.options.STORED_KEYS`), applied when it is served unless the operator overrides them.
         """
         from .sources import resolve_source
 
@@ -133,10 +136,10 @@ class ModelStore:
             if custom_file is not None:
                 shutil.copyfile(custom_file, target / CUSTOM_FILE)
 
-        options: dict[str, Any] = {"variant": variant}
+        stored = _stored_options({**(options or {}), **({"variant": variant} if variant else {})})
         if custom_file is not None:
-            options["custom_pipeline"] = CUSTOM_FILE  # a fact about the model; trust is never recorded
-        return self._publish(name, fill, pipeline_cls, signatures, tasks, labels, metadata, version, options)
+            stored["custom_pipeline"] = CUSTOM_FILE  # a fact about the model; trust is never recorded
+        return self._publish(name, fill, pipeline_cls, signatures, tasks, labels, metadata, version, stored)
 
     def save_model(
         self,
@@ -148,14 +151,16 @@ class ModelStore:
         labels: Mapping[str, str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         version: str | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Model:
         """Store an in-memory pipeline object (saved with safetensors)."""
         validate_part(name, "model name")
+        stored = _stored_options(options or {})
 
         def fill(target: Path) -> None:
             pipeline.save_pretrained(target, safe_serialization=True)
 
-        return self._publish(name, fill, type(pipeline), signatures, tasks, labels, metadata, version, {})
+        return self._publish(name, fill, type(pipeline), signatures, tasks, labels, metadata, version, stored)
 
     def _publish(
         self,
@@ -271,6 +276,14 @@ def _suppress(*errors: type[BaseException]) -> Iterator[None]:
         yield
     except errors:
         pass
+
+
+def _stored_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Load options to record in model.yaml: storable keys only, valid values (else the import fails, saying why)."""
+    refused = sorted(set(options) - set(STORED_KEYS))
+    if refused:
+        raise StoreError(f"not a stored option: {', '.join(refused)}; the stored options are {', '.join(STORED_KEYS)}")
+    return {key: value.__name__ if isinstance(value, type) else value for key, value in check_stored(options).items()}
 
 
 def _stored_class(folder: Path, pipeline_class: str | type | None) -> type:

@@ -8,9 +8,9 @@ with DiffusionClient("localhost:50051") as client:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -49,10 +49,23 @@ def params(
     eta: float | None = None,
     output_format: str | int = "png",
     quality: int | None = None,
+    size_conditioning: Mapping[str, int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
+    control_scales: Sequence[float] = (),
+    control_guidance_start: float | None = None,
+    control_guidance_end: float | None = None,
 ) -> pb.GenerationParams:
-    """GenerationParams with only the given fields set (absent ones mean the model's default)."""
+    """GenerationParams with only the given fields set (absent ones mean the model's default). `size_conditioning`
+    takes SizeConditioning's field names: original_height, original_width, crop_top, crop_left, target_*."""
     fmt = FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format
-    message = pb.GenerationParams(num_images=num_images, scheduler=scheduler, output_format=fmt)  # type: ignore[arg-type]
+    message = pb.GenerationParams(
+        num_images=num_images,
+        scheduler=scheduler,
+        output_format=fmt,  # type: ignore[arg-type]
+        size_conditioning=pb.SizeConditioning(**(size_conditioning or {})),
+        control_scales=list(control_scales),
+    )
     optional = {
         "seed": seed,
         "num_inference_steps": steps,
@@ -61,11 +74,28 @@ def params(
         "height": height,
         "eta": eta,
         "quality": quality,
+        "aesthetic_score": aesthetic_score,
+        "negative_aesthetic_score": negative_aesthetic_score,
+        "control_guidance_start": control_guidance_start,
+        "control_guidance_end": control_guidance_end,
     }
     for name, value in optional.items():
         if value is not None:
             setattr(message, name, value)
     return message
+
+
+TypedRequest = TypeVar("TypedRequest", pb.TextToImageRequest, pb.ImageToImageRequest, pb.InpaintRequest)
+
+
+def typed_request(request: TypedRequest, kw: dict[str, Any]) -> TypedRequest:
+    """Set the request-level fields SDXL and ControlNet models take (`prompt_2`, `negative_prompt_2`,
+    `control_images` as encoded bytes, one per ControlNet) from `kw`, and the params from the rest."""
+    request.prompt_2 = kw.pop("prompt_2", "") or ""
+    request.negative_prompt_2 = kw.pop("negative_prompt_2", "") or ""
+    request.control_images.extend(image(data) for data in kw.pop("control_images", ()))
+    request.params.CopyFrom(params(**kw))
+    return request
 
 
 def wait_until_serving(target: str, timeout: float = 120.0, alive: Callable[[], bool] | None = None) -> None:
@@ -127,9 +157,7 @@ class DiffusionClient:
     def text_to_image(
         self, prompt: str, *, model: str = "", negative_prompt: str = "", timeout: float | None = None, **kw: Any
     ) -> pb.TextToImageResponse:
-        request = pb.TextToImageRequest(
-            model=model, prompt=prompt, negative_prompt=negative_prompt, params=params(**kw)
-        )
+        request = typed_request(pb.TextToImageRequest(model=model, prompt=prompt, negative_prompt=negative_prompt), kw)
         return self.stub.TextToImage(request, timeout=timeout, metadata=self.metadata)
 
     def image_to_image(
@@ -233,8 +261,11 @@ class DiffusionClient:
         strength: float | None = None,
         **kw: Any,
     ) -> pb.ImageToImageRequest:
-        request = pb.ImageToImageRequest(
-            model=model, prompt=prompt, negative_prompt=negative_prompt, params=params(**kw), image=image(init_image)
+        request = typed_request(
+            pb.ImageToImageRequest(
+                model=model, prompt=prompt, negative_prompt=negative_prompt, image=image(init_image)
+            ),
+            kw,
         )
         if strength is not None:
             request.strength = strength
@@ -251,13 +282,15 @@ class DiffusionClient:
         strength: float | None = None,
         **kw: Any,
     ) -> pb.InpaintRequest:
-        request = pb.InpaintRequest(
-            model=model,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            params=params(**kw),
-            image=image(init_image),
-            mask_image=image(mask),
+        request = typed_request(
+            pb.InpaintRequest(
+                model=model,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                image=image(init_image),
+                mask_image=image(mask),
+            ),
+            kw,
         )
         if strength is not None:
             request.strength = strength

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ENV_PREFIX = "DIFFUSERS_GRPC_"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,8 @@ class ServerConfig:
     log_level: str = "INFO"
     reflection: bool = True
     trust_remote_code: bool = False  # run the custom pipeline code a served model ships (the operator's call)
+    dtype: str = "auto"  # auto, float32, float16 or bfloat16
+    compile: bool = False  # torch.compile the denoisers (CUDA only)
     max_image_size: int = 2048
     max_steps: int = 150
     max_images: int = 16
@@ -71,6 +74,8 @@ class ServerConfig:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.max_image_size < 8 or self.max_image_size % 8:
             raise ConfigError(f"max_image_size must be a positive multiple of 8, got {self.max_image_size}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         if bool(self.tls_cert) != bool(self.tls_key):

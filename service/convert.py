@@ -7,6 +7,8 @@ hands results here to get the reply; requests and replies are converted here and
 
 from __future__ import annotations
 
+import base64
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +19,7 @@ from batching import CallOutput, ItemOutput, StepEvent
 from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG
 
 from . import imaging
-from .domain import CallRequest, Params, TaskRequest
+from .domain import CallRequest, Params, SizeConditioning, TaskRequest
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generation import CallJob, Generation
 from .registry import ServedModel
@@ -64,6 +66,9 @@ def task_request(request: TypedRequest) -> TaskRequest:
         image=image,
         mask_image=mask,
         strength=strength,
+        prompt_2=request.prompt_2 or None,
+        negative_prompt_2=request.negative_prompt_2 or None,
+        control_images=tuple(control.data for control in request.control_images),
     )
 
 
@@ -84,6 +89,19 @@ def params(message: pb.GenerationParams) -> Params:
         eta=given("eta"),
         output_format=output_format(message.output_format),
         quality=given("quality"),
+        size_conditioning=size_conditioning(message.size_conditioning),
+        aesthetic_score=given("aesthetic_score"),
+        negative_aesthetic_score=given("negative_aesthetic_score"),
+        control_scales=tuple(message.control_scales),
+        control_guidance_start=given("control_guidance_start"),
+        control_guidance_end=given("control_guidance_end"),
+    )
+
+
+def size_conditioning(message: pb.SizeConditioning) -> SizeConditioning:
+    fields: Any = message
+    return SizeConditioning(
+        **{f.name: getattr(message, f.name) if fields.HasField(f.name) else None for f in message.DESCRIPTOR.fields}
     )
 
 
@@ -96,6 +114,7 @@ def call_request(request: pb.CallRequest) -> CallRequest:
         images={name: image.data for name, image in request.images.items()},
         seed=request.seed if request.HasField("seed") else None,
         output_format=output_format(request.output_format),
+        animated_webp=request.animated_webp,
     )
 
 
@@ -130,14 +149,21 @@ def task_response(job: Generation, outputs: Sequence[ItemOutput]) -> TypedRespon
 
 
 def call_response(job: CallJob, output: CallOutput) -> pb.CallResponse:
-    """Images (PIL, alone or in lists) become GeneratedImages; everything else goes into the outputs Struct."""
+    """Images (PIL, alone or in lists) become GeneratedImages, and so do video frames, in order (with each video
+    also as an animated WebP in `outputs["<name>_webp"]` when asked); everything else goes into the outputs Struct."""
     images: list[Image.Image] = []
     others: dict[str, Any] = {}
     for name, value in output.values.items():
-        found = _images_in(value)
-        if found:
+        if name == NSFW_OUTPUT:
+            continue
+        videos = imaging.video_frames(name, value)
+        if videos:
+            images += [frame for frames in videos for frame in frames]
+            if job.animated_webp:
+                others[f"{name}_webp"] = [base64.b64encode(imaging.animated_webp(frames)).decode() for frames in videos]
+        elif found := _images_in(value):
             images += found
-        elif name != NSFW_OUTPUT:
+        else:
             others[name] = jsonable(value)
     flags = output.values.get(NSFW_OUTPUT)
     flags = list(flags) if isinstance(flags, (list, tuple)) and len(flags) == len(images) else [False] * len(images)
@@ -185,6 +211,9 @@ def model_info(served: ServedModel) -> pb.ModelInfo:
         default_width=served.defaults.width,
         labels=dict(model.info.labels),
         default_scheduler=served.defaults.scheduler,
+        dtype=served.dtype,
+        control_inputs=served.control_inputs,
+        load_options=model.effective_options().shown(),
     )
 
 
@@ -202,7 +231,8 @@ def _images_in(value: Any) -> list[Image.Image]:
 
 
 def jsonable(value: Any) -> Any:
-    """A Struct-compatible form of an output value; big arrays are summarised instead of sent."""
+    """A Struct-compatible form of an output value: arrays as nested lists (large ones summarised by shape), other
+    objects by their type; never the `str()` of an object."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Mapping):
@@ -211,11 +241,9 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     shape = getattr(value, "shape", None)
     if shape is not None and hasattr(value, "tolist"):
-        size = 1
-        for side in shape:
-            size *= int(side)
-        if size <= MAX_LISTED_VALUES:
+        dims = [int(side) for side in shape]
+        if math.prod(dims) <= MAX_LISTED_VALUES:
             data = value.detach().cpu() if hasattr(value, "detach") else value
             return data.tolist()
-        return f"<array of shape {tuple(int(s) for s in shape)} omitted>"
-    return str(value)
+        return {"shape": dims, "dtype": str(getattr(value, "dtype", "")), "omitted": "larger than the listing limit"}
+    return {"type": type(value).__name__}

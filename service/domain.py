@@ -12,6 +12,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL micro-conditioning, in pixels; None where the client left the pipeline's default."""
+
+    original_height: int | None = None
+    original_width: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+    target_height: int | None = None
+    target_width: int | None = None
+
+    def given(self) -> bool:
+        return any(value is not None for value in vars(self).values())
+
+
+@dataclass(frozen=True)
 class Params:
     """GenerationParams: None where the client left the model's default."""
 
@@ -25,6 +40,12 @@ class Params:
     eta: float | None = None
     output_format: str = "png"  # "png", "jpeg", "webp", or "#N" for an enum value this server does not know
     quality: int | None = None
+    size_conditioning: SizeConditioning = field(default_factory=SizeConditioning)
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    control_scales: tuple[float, ...] = ()
+    control_guidance_start: float | None = None
+    control_guidance_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,9 @@ class TaskRequest:
     image: bytes | None = None  # encoded input image (img2img, inpaint)
     mask_image: bytes | None = None  # encoded mask (inpaint)
     strength: float | None = None
+    prompt_2: str | None = None  # SDXL's second text encoder
+    negative_prompt_2: str | None = None
+    control_images: tuple[bytes, ...] = ()  # encoded ControlNet conditioning images, one per ControlNet
 
 
 @dataclass(frozen=True)
@@ -51,3 +75,4 @@ class CallRequest:
     images: Mapping[str, bytes]  # encoded image arguments by name
     seed: int | None = None
     output_format: str = "png"
+    animated_webp: bool = False  # also return video frames as one animated WebP

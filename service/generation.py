@@ -41,6 +41,17 @@ class Generation:
     mime_type: str = "image/png"
     quality: int | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    original_size: tuple[int, int] | None = None  # SDXL micro-conditioning, (height, width)
+    crops_coords_top_left: tuple[int, int] | None = None  # (top, left)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    control_images: tuple[Any, ...] = ()  # PIL RGB images at (width, height), one per ControlNet
+    control_scales: tuple[float, ...] = ()
+    control_guidance_start: float | None = None
+    control_guidance_end: float | None = None
 
     def seeds(self) -> list[int]:
         """Image i uses seed + i (mod 2**64), so each image is reproducible alone."""
@@ -62,6 +73,19 @@ class Generation:
             arguments["eta"] = self.eta
         if self.strength is not None:
             arguments["strength"] = self.strength
+        optional: dict[str, Hashable] = {
+            "original_size": self.original_size,
+            "crops_coords_top_left": self.crops_coords_top_left,
+            "target_size": self.target_size,
+            "aesthetic_score": self.aesthetic_score,
+            "negative_aesthetic_score": self.negative_aesthetic_score,
+            "control_guidance_start": self.control_guidance_start,
+            "control_guidance_end": self.control_guidance_end,
+        }
+        arguments.update({name: value for name, value in optional.items() if value is not None})
+        if self.control_scales:  # one float for one ControlNet, a list for several
+            scales = self.control_scales
+            arguments["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else Frozen.of(list(scales))
         return arguments
 
     def batch_key(self) -> BatchKey:
@@ -85,13 +109,21 @@ class Generation:
 
     def item_inputs(self) -> dict[str, Any]:
         """Per-item arguments, stacked along the batch dimension; an optional text not given is left out (None)."""
-        inputs: dict[str, Any] = {"prompt": self.prompt}
-        if self.negative_prompt is not None:
-            inputs["negative_prompt"] = self.negative_prompt
+        texts = {
+            "prompt": self.prompt,
+            "prompt_2": self.prompt_2,
+            "negative_prompt": self.negative_prompt,
+            "negative_prompt_2": self.negative_prompt_2,
+        }
+        inputs: dict[str, Any] = {name: text for name, text in texts.items() if text is not None}
         if self.image is not None:
             inputs["image"] = self.image
         if self.mask_image is not None:
             inputs["mask_image"] = self.mask_image
+        control = self.served.control_parameter(self.signature.name)
+        if control is not None and self.control_images:
+            images = self.control_images
+            inputs[control] = images[0] if len(images) == 1 else list(images)  # MultiControlNet: one per net
         return inputs
 
     def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
@@ -120,6 +152,9 @@ class Generation:
             text["strength"] = repr(self.strength)
         if self.eta is not None:
             text["eta"] = repr(self.eta)
+        for name in ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"):
+            if getattr(self, name) is not None:
+                text[name] = str(getattr(self, name))
         return text
 
 
@@ -137,6 +172,7 @@ class CallJob:
     images: Mapping[str, Any]  # PIL images by argument name
     seed: int
     mime_type: str = "image/png"
+    animated_webp: bool = False  # also return video outputs as animated WebP
 
     def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
         per_item = {k: v for k, v in self.arguments.items() if k in PER_ITEM_ARGUMENTS and isinstance(v, str)}

@@ -90,3 +90,41 @@ def latent_preview(latents: Any) -> Image.Image | None:
     rgb = torch.einsum("chw,ck->hwk", latents.detach().float().cpu(), factors)
     pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels, "RGB")
+
+
+VIDEO_OUTPUTS = ("frames", "videos", "video")  # output names diffusers' video pipelines use
+FRAMES_PER_SECOND = 8  # diffusers' export_to_video default
+
+
+def video_frames(name: str, value: Any) -> list[list[Image.Image]]:
+    """The videos in a pipeline output, each as its frames in order: a list (batch) of lists of PIL frames, or an
+    array of shape (batch, frames, ...) / (frames, ...) under a video output name. Empty when it is not video."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        if all(v and all(isinstance(f, Image.Image) for f in v) for v in value):
+            return [list(v) for v in value]
+        return []
+    shape = getattr(value, "shape", None)
+    if name not in VIDEO_OUTPUTS or shape is None or len(shape) not in (4, 5):
+        return []
+    import numpy as np
+
+    array = value.detach().float().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    if array.ndim == 4:
+        array = array[None]
+    if array.shape[2] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):  # (batch, frames, C, H, W)
+        array = array.transpose(0, 1, 3, 4, 2)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return [
+        [Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame) for frame in video] for video in array
+    ]
+
+
+def animated_webp(frames: list[Image.Image], fps: int = FRAMES_PER_SECOND) -> bytes:
+    """One video's frames as an animated WebP (lossless, looping)."""
+    buffer = io.BytesIO()
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    first.save(
+        buffer, format="WEBP", save_all=True, append_images=rest, duration=round(1000 / fps), loop=0, lossless=True
+    )
+    return buffer.getvalue()

@@ -3,6 +3,7 @@ pass to a signature (its parameters, from `model_store.interface`; its tokenizer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -10,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_store import Model, Signature, Tag, interface
+from model_store.defaults import PipelineDefaults, compatible_schedulers, read_pipeline_defaults
 from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG, Parameters
-from model_store.model import PipelineDefaults, read_pipeline_defaults
 
 from .errors import NotFound, Unimplemented
 
@@ -21,7 +22,7 @@ _RPC_OF_TASK = {TEXT2IMG: "TextToImage", IMG2IMG: "ImageToImage", INPAINT: "Inpa
 
 @dataclass(frozen=True)
 class ServedModel:
-    model: Model
+    model: Model  # with the load options it is served with
     defaults: PipelineDefaults
     parameters: Mapping[str, Parameters | None] = field(default_factory=dict, compare=False, repr=False)
     tokenizer: Any = field(default=None, compare=False, repr=False)
@@ -30,16 +31,39 @@ class ServedModel:
 
     @classmethod
     def of(cls, model: Model) -> ServedModel:
-        pipeline_class = model.pipeline_type()  # fails now, before any port opens: unknown class, untrusted code
+        """Resolve everything a request needs to know about a model with its load options, before any port opens:
+        its class (an unknown one, or untrusted custom code, fails here), each signature's parameters, the
+        defaults its config files give."""
+        pipeline_class = model.pipeline_type()
         parameters = {
             name: interface.signature_parameters(pipeline_class, name, sig.task)
             for name, sig in model.signatures.items()
         }
-        return cls(model, read_pipeline_defaults(model.path), parameters, _load_tokenizer(model))
+        defaults = read_pipeline_defaults(model.path)
+        scheduler = model.effective_options().scheduler
+        if scheduler is not None:  # the load options replace the stored scheduler
+            name = scheduler if isinstance(scheduler, str) else scheduler.__name__
+            defaults = dataclasses.replace(defaults, scheduler=name, compatible_schedulers=compatible_schedulers(name))
+        return cls(model, defaults, parameters, _load_tokenizer(model))
 
     @property
     def tag(self) -> str:
         return self.model.tag
+
+    @property
+    def dtype(self) -> str:
+        return self.model.effective_options().torch_dtype or "float32"
+
+    @property
+    def control_inputs(self) -> int:
+        return self.defaults.control_inputs
+
+    def control_parameter(self, signature: str) -> str | None:
+        """The argument that takes the ControlNet conditioning images, or None when the model has no ControlNet."""
+        if not self.control_inputs:
+            return None
+        params = self.parameters.get(signature) or {}
+        return "control_image" if "control_image" in params else "image"
 
     def signature_for(self, task: str) -> Signature:
         """The signature a typed RPC runs: the one named after the task, else `__call__`, else one whose task it
@@ -80,6 +104,19 @@ class ServedModel:
             if count > limit:
                 warnings.append(f"{name} is {count} tokens; the text encoder reads the first {limit}, ignores the rest")
         return tuple(warnings)
+
+
+def resolve_dtype(flag: str, model: Model, device: str) -> str:
+    """The dtype a model runs in: the operator's flag, else the option stored with the model, else `auto`:
+    float16 on CUDA (bfloat16 where the model's config asks for it), float32 on the CPU."""
+    if flag != "auto":
+        return flag
+    stored = model.effective_options().torch_dtype
+    if stored:
+        return stored
+    if not device.startswith("cuda"):
+        return "float32"
+    return "bfloat16" if read_pipeline_defaults(model.path).prefers_bfloat16 else "float16"
 
 
 def _load_tokenizer(model: Model) -> Any:

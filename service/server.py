@@ -24,12 +24,12 @@ from model_store import ModelStore
 from .config import ConfigError, ServerConfig
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
-from .registry import ModelRegistry, ServedModel
+from .registry import ModelRegistry, ServedModel, resolve_dtype
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import DiffusionServicer
 from .telemetry import Metrics, TelemetryInterceptor
 from .validation import Limits
-from .workers import Factory, backend_factory, build_executor
+from .workers import Factory, backend_factory, build_executor, resolve_devices
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name  # "diffusion.v1.DiffusionService"
@@ -63,10 +63,13 @@ class DiffusionServer:
         self.store = store or ModelStore()
         self.stats = BatchStats()
         self.metrics = Metrics()
-        trust = config.trust_remote_code  # the operator's word, never the model's
-        served = [ServedModel.of(self.store.get(tag).with_options(trust_remote_code=trust)) for tag in config.tags]
-        self.registry = ModelRegistry(served)
-        self.executor = build_executor(config, self.registry, self._on_batch, factory)
+        self.devices = resolve_devices(config.device)
+        if config.compile and not all(device.startswith("cuda") for device in self.devices):
+            raise ConfigError(
+                f"--compile needs CUDA devices (it pays only there); serving on {', '.join(self.devices)}"
+            )
+        self.registry = ModelRegistry([self._served(tag) for tag in config.tags])
+        self.executor = build_executor(config, self.registry, self.devices, self._on_batch, factory)
         self.executor.on_unhealthy = self._on_worker_death
         self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
         self.servicer = DiffusionServicer(self.registry, self.executor, Limits.of(config))
@@ -80,6 +83,15 @@ class DiffusionServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
         self._stopped = False
+
+    def _served(self, tag: str) -> ServedModel:
+        """A stored model with the operator's load options: trust (never the model's word), dtype, compile."""
+        model = self.store.get(tag)
+        dtype = resolve_dtype(self.config.dtype, model, self.devices[0])
+        options = {"trust_remote_code": self.config.trust_remote_code, "torch_dtype": dtype}
+        if self.config.compile:
+            options["compile"] = True
+        return ServedModel.of(model.with_options(**options))
 
     def _on_batch(self, report: BatchReport) -> None:
         self.stats.record(report)

@@ -72,6 +72,9 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
             bad.add("mask_image", f"must be the size of image, {want}, got {got}")
     fields = _params(request.params, served, signature.name, limits, bad, input_size=image.size if image else None)
     strength = _strength(request, fields["num_inference_steps"], bad) if image is not None else None
+    fields.update(_second_texts(request, served, signature.name, bad))
+    fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
+    fields.update(_control(request, served, limits, fields, bad))
     bad.raise_if_any()
     return Generation(
         served=served,
@@ -130,6 +133,7 @@ def call_job(request: CallRequest, registry: ModelRegistry, limits: Limits) -> C
         images=images,
         seed=request.seed if request.seed is not None else secrets.randbits(63),
         mime_type=mime_type,
+        animated_webp=request.animated_webp,
     )
 
 
@@ -193,6 +197,99 @@ def _params(
     }
 
 
+def _second_texts(request: TaskRequest, served: ServedModel, signature: str, bad: Violations) -> dict[str, Any]:
+    """SDXL's prompts for its second text encoder; refused by models that have none."""
+    takes = served.takes(signature)
+    for name in ("prompt_2", "negative_prompt_2"):
+        if getattr(request, name) is not None and not takes(name):
+            bad.add(name, f"{served.tag}'s {signature} does not take {name} (it has one text encoder)")
+    return {"prompt_2": request.prompt_2, "negative_prompt_2": request.negative_prompt_2}
+
+
+SIZE_CONDITIONING_MAX = 16384  # pixels: far above any training size, small enough to stay meaningful
+
+
+def _sdxl_conditioning(
+    params: Params, served: ServedModel, signature: str, fields: dict[str, Any], bad: Violations
+) -> dict[str, Any]:
+    """SDXL micro-conditioning and the refiner's aesthetic scores; refused by models that do not take them."""
+    takes = served.takes(signature)
+    resolved: dict[str, Any] = {}
+    sizes = params.size_conditioning
+    if sizes.given():
+        if not takes("original_size"):
+            bad.add("params.size_conditioning", f"{served.tag}'s {signature} does not take size conditioning")
+        for name, value in vars(sizes).items():
+            low = 0 if name.startswith("crop") else 8
+            if value is not None and not low <= value <= SIZE_CONDITIONING_MAX:
+                field = f"params.size_conditioning.{name}"
+                bad.add(field, f"must be between {low} and {SIZE_CONDITIONING_MAX}, got {value}")
+        height, width = fields["height"], fields["width"]
+        # Absent parts take the pipeline's defaults: the output size, and a crop at (0, 0).
+        if sizes.original_height is not None or sizes.original_width is not None:
+            resolved["original_size"] = (sizes.original_height or height, sizes.original_width or width)
+        if sizes.crop_top is not None or sizes.crop_left is not None:
+            resolved["crops_coords_top_left"] = (sizes.crop_top or 0, sizes.crop_left or 0)
+        if sizes.target_height is not None or sizes.target_width is not None:
+            resolved["target_size"] = (sizes.target_height or height, sizes.target_width or width)
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        value = getattr(params, name)
+        if value is None:
+            continue
+        if not takes(name):
+            bad.add(f"params.{name}", f"{served.tag}'s {signature} does not take {name}")
+        elif not math.isfinite(value):
+            bad.add(f"params.{name}", f"must be a finite number, got {value}")
+        resolved[name] = value
+    return resolved
+
+
+def _control(
+    request: TaskRequest, served: ServedModel, limits: Limits, fields: dict[str, Any], bad: Violations
+) -> dict[str, Any]:
+    """ControlNet inputs: one conditioning image per ControlNet, its scales and guidance window."""
+    nets, params = served.control_inputs, request.params
+    if not nets:
+        for name, given in (
+            ("control_images", request.control_images),
+            ("params.control_scales", params.control_scales),
+            ("params.control_guidance_start", params.control_guidance_start is not None),
+            ("params.control_guidance_end", params.control_guidance_end is not None),
+        ):
+            if given:
+                bad.add(name, f"{served.tag} has no ControlNet")
+        return {}
+    if len(request.control_images) != nets:
+        bad.add(
+            "control_images",
+            f"{served.tag} has {nets} ControlNet(s): send {nets} image(s), got {len(request.control_images)}",
+        )
+    images = tuple(
+        _resized(_image(data, f"control_images[{i}]", limits, bad), fields)
+        for i, data in enumerate(request.control_images)
+    )
+    scales = params.control_scales
+    if scales and len(scales) != nets:
+        bad.add("params.control_scales", f"give one scale per ControlNet ({nets}), or none; got {len(scales)}")
+    if not all(math.isfinite(scale) for scale in scales):
+        bad.add("params.control_scales", f"must be finite numbers, got {list(scales)}")
+    window = {
+        "control_guidance_start": params.control_guidance_start,
+        "control_guidance_end": params.control_guidance_end,
+    }
+    for name, value in window.items():
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            bad.add(f"params.{name}", f"must be a number in [0, 1], got {value}")
+    start, end = window["control_guidance_start"], window["control_guidance_end"]
+    if start is not None and end is not None and not start < end:
+        bad.add("params.control_guidance_start", f"must be below control_guidance_end ({end}), got {start}")
+    return {
+        "control_images": images,
+        "control_scales": tuple(scales),
+        **{k: v for k, v in window.items() if v is not None},
+    }
+
+
 def _mime_type(output_format: str, field: str, bad: Violations) -> str:
     if output_format not in MIME_TYPES:
         bad.add(field, f"unknown output format {output_format.lstrip('#')}")
@@ -253,6 +350,9 @@ def coerce(value: Any, parameter: inspect.Parameter | None) -> Any:
             return int(value)
         if float in expected:
             return value
+    elif isinstance(value, list) and tuple in expected and list not in expected:
+        # JSON has no tuple (SDXL's sizes are tuple[int, int]) and Struct numbers are doubles.
+        return tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in value)
     elif type(value) in expected:
         return value
     wanted = " or ".join(sorted(t.__name__ for t in expected))
@@ -266,6 +366,8 @@ _TYPE_WORDS = {
     "bool": bool,
     "list": list,
     "List": list,
+    "tuple": tuple,
+    "Tuple": tuple,
     "dict": dict,
     "Dict": dict,
 }

@@ -51,12 +51,24 @@ def warmup_requests(registry: ModelRegistry) -> list[TaskRequest]:
     for served in registry.models:
         width, height = served.defaults.width, served.defaults.height
         tasks = {s.task for s in served.model.signatures.values()} & {TEXT2IMG, IMG2IMG, INPAINT}
+        gray = _png(Image.new("RGB", (width, height), (128, 128, 128)))
+        controls = (gray,) * served.control_inputs
         for task in sorted(tasks):
-            image = _png(Image.new("RGB", (width, height), (128, 128, 128))) if task != TEXT2IMG else None
+            image = gray if task != TEXT2IMG else None
             mask = _png(Image.new("L", (width, height), 255)) if task == INPAINT else None
-            params = Params(steps=1, seed=0)
             strength = 1.0 if image is not None else None
-            requests.append(TaskRequest(task, served.tag, "warm-up", None, params, image, mask, strength))
+            requests.append(
+                TaskRequest(
+                    task,
+                    served.tag,
+                    "warm-up",
+                    params=Params(steps=1, seed=0),
+                    image=image,
+                    mask_image=mask,
+                    strength=strength,
+                    control_images=controls,
+                )
+            )
     return requests
 
 
@@ -90,10 +102,10 @@ Factory = Callable[[Sequence[ServedModel], str, WarmupWork | None], BackendFacto
 def build_executor(
     config: ServerConfig,
     registry: ModelRegistry,
+    devices: Sequence[str],
     on_batch: Callable[[BatchReport], None] | None = None,
     factory: Factory = backend_factory,
 ) -> Executor:
-    devices = resolve_devices(config.device)
     warmup = warmup_work(registry, validation.Limits.of(config))
     workers = [
         (f"{device}#{replica}", factory(registry.models, device, warmup))

@@ -20,6 +20,15 @@ def register(commands: Any) -> None:
     parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
     parser.add_argument("--model", default="", help="model tag (default: the server's default model)")
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--prompt-2", default="", help="prompt for SDXL's second text encoder")
+    parser.add_argument("--negative-prompt-2", default="", help="negative prompt for SDXL's second text encoder")
+    parser.add_argument(
+        "--control-image",
+        type=Path,
+        action="append",
+        default=[],
+        help="a ControlNet conditioning image; repeat once per ControlNet of the model",
+    )
     parser.add_argument("--image", type=Path, help="input image: image-to-image (with --mask: inpainting)")
     parser.add_argument("--mask", type=Path, help="inpainting mask: white is repainted (needs --image)")
     parser.add_argument("--strength", type=float, help="how much to change the input image, 0-1")
@@ -76,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         if args.image is None:
             raise CliError("--strength needs --image")
         request.strength = args.strength
+    request.prompt_2, request.negative_prompt_2 = args.prompt_2, args.negative_prompt_2
+    request.control_images.extend(pb.Image(data=_read(path)) for path in args.control_image)
     with DiffusionClient(args.target) as client:
         try:
             if args.progress:

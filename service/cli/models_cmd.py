@@ -40,6 +40,22 @@ def register(commands: Any) -> None:
         metavar="METHOD[:batchable[:BATCH_DIM]]",
         help="a served method; repeatable (default: __call__, not batchable)",
     )
+    importer.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="SIGNATURE=TASK",
+        help="the task of a signature (text2img, img2img, inpaint or custom), instead of the one its parameters "
+        "suggest; repeatable",
+    )
+    importer.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a load option stored with the model and applied when it is served (torch_dtype, variant, scheduler, "
+        "attention_slicing, vae_slicing, vae_tiling, cpu_offload=none|model|sequential); repeatable",
+    )
     importer.add_argument("--label", action="append", default=[], metavar="K=V")
     importer.add_argument("--metadata", action="append", default=[], metavar="K=V")
     importer.add_argument("--pipeline-class")
@@ -109,18 +125,25 @@ def get_model(args: argparse.Namespace) -> int:
     print(f"created:   {model.info.created}")
     for sig in model.signatures.values():
         print(f"signature: {sig.name} (task {sig.task}, batchable {sig.batchable}, batch_dim {sig.batch_dim})")
+    for key, value in model.effective_options().shown().items():
+        print(f"option:    {key}={value}")
     for key, value in model.info.labels.items():
         print(f"label:     {key}={value}")
     return 0
 
 
 def import_model(args: argparse.Namespace) -> int:
+    from model_store.options import parse_option
+
     signatures = dict(parse_signature(s) for s in args.signature) or None
+    options = dict(_store_call(lambda: [parse_option(text) for text in args.option]))
     model = _store_call(
         lambda: ModelStore().import_model(
             args.name,
             args.source,
             signatures=signatures,
+            tasks=_pairs(args.task, "--task"),
+            options=options,
             labels=_pairs(args.label, "--label"),
             metadata=_pairs(args.metadata, "--metadata"),
             pipeline_class=args.pipeline_class,
@@ -204,6 +227,7 @@ def _summary(model: Model) -> dict[str, Any]:
         "created": model.info.created,
         "signatures": {name: sig.to_dict() for name, sig in model.signatures.items()},
         "labels": dict(model.info.labels),
+        "options": model.effective_options().shown(),
     }
 
 

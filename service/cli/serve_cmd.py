@@ -42,6 +42,13 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-image-size", "max_image_size", int, "largest height/width a request may ask for (default 2048)"),
     ("--max-steps", "max_steps", int, "most inference steps a request may ask for (default 150)"),
     ("--max-images", "max_images", int, "most images per request (default 16)"),
+    (
+        "--dtype",
+        "dtype",
+        str,
+        "auto, float32, float16 or bfloat16 (default auto: float16 on CUDA, bfloat16 where the model asks for it, "
+        "float32 on the CPU); wins over a dtype stored with the model",
+    ),
 ]
 
 
@@ -66,6 +73,14 @@ def register(commands: Any) -> None:
         action="store_false",
         default=None,
         help=f"disable server reflection [env {env_name('reflection')}=false]",
+    )
+    parser.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile each model's denoiser and warm it before readiness; CUDA only "
+        f"[env {env_name('compile')}=true]",
     )
     parser.add_argument(
         "--trust-remote-code",
@@ -95,4 +110,6 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except StoreError as exc:  # a model that cannot be served: say which and why, no traceback
         raise CliError(f"cannot serve: {exc}") from None
+    except ConfigError as exc:  # a setting that does not fit the machine (e.g. --compile without CUDA)
+        raise CliError(f"invalid configuration: {exc}", exit_code=2) from None
     return 0

@@ -103,6 +103,12 @@ class GenerationParams(_message.Message):
     ETA_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    SIZE_CONDITIONING_FIELD_NUMBER: _builtins.int
+    AESTHETIC_SCORE_FIELD_NUMBER: _builtins.int
+    NEGATIVE_AESTHETIC_SCORE_FIELD_NUMBER: _builtins.int
+    CONTROL_SCALES_FIELD_NUMBER: _builtins.int
+    CONTROL_GUIDANCE_START_FIELD_NUMBER: _builtins.int
+    CONTROL_GUIDANCE_END_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """Denoising steps, 1 up to the server's maximum."""
     guidance_scale: _builtins.float
@@ -123,6 +129,22 @@ class GenerationParams(_message.Message):
     """Encoding of the output images; UNSPECIFIED means PNG."""
     quality: _builtins.int
     """JPEG/WebP quality, 1-100."""
+    aesthetic_score: _builtins.float
+    """SDXL refiner: the aesthetic score to condition on; only for models that take it."""
+    negative_aesthetic_score: _builtins.float
+    """SDXL refiner: the aesthetic score of the negative conditioning."""
+    control_guidance_start: _builtins.float
+    """Fraction of the steps at which the ControlNets start to apply, in [0, 1); absent means 0."""
+    control_guidance_end: _builtins.float
+    """Fraction of the steps at which the ControlNets stop applying, in (0, 1]; absent means 1."""
+    @_builtins.property
+    def size_conditioning(self) -> Global___SizeConditioning:
+        """SDXL micro-conditioning (original size, crop, target size); only for models that take it."""
+
+    @_builtins.property
+    def control_scales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """ControlNet conditioning scales, one per ControlNet (`controlnet_conditioning_scale`); empty means 1.0 each."""
+
     def __init__(
         self,
         *,
@@ -136,17 +158,31 @@ class GenerationParams(_message.Message):
         eta: _builtins.float | None = ...,
         output_format: Global___OutputFormat.ValueType = ...,
         quality: _builtins.int | None = ...,
+        size_conditioning: Global___SizeConditioning | None = ...,
+        aesthetic_score: _builtins.float | None = ...,
+        negative_aesthetic_score: _builtins.float | None = ...,
+        control_scales: _abc.Iterable[_builtins.float] | None = ...,
+        control_guidance_start: _builtins.float | None = ...,
+        control_guidance_end: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__aesthetic_score: _TypeAlias = _typing.Literal["aesthetic_score"]  # noqa: Y015
+    _WhichOneofArgType__aesthetic_score: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score"]  # noqa: Y015
+    _WhichOneofReturnType__control_guidance_end: _TypeAlias = _typing.Literal["control_guidance_end"]  # noqa: Y015
+    _WhichOneofArgType__control_guidance_end: _TypeAlias = _typing.Literal["_control_guidance_end", b"_control_guidance_end"]  # noqa: Y015
+    _WhichOneofReturnType__control_guidance_start: _TypeAlias = _typing.Literal["control_guidance_start"]  # noqa: Y015
+    _WhichOneofArgType__control_guidance_start: _TypeAlias = _typing.Literal["_control_guidance_start", b"_control_guidance_start"]  # noqa: Y015
     _WhichOneofReturnType__eta: _TypeAlias = _typing.Literal["eta"]  # noqa: Y015
     _WhichOneofArgType__eta: _TypeAlias = _typing.Literal["_eta", b"_eta"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
     _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
+    _WhichOneofReturnType__negative_aesthetic_score: _TypeAlias = _typing.Literal["negative_aesthetic_score"]  # noqa: Y015
+    _WhichOneofArgType__negative_aesthetic_score: _TypeAlias = _typing.Literal["_negative_aesthetic_score", b"_negative_aesthetic_score"]  # noqa: Y015
     _WhichOneofReturnType__num_inference_steps: _TypeAlias = _typing.Literal["num_inference_steps"]  # noqa: Y015
     _WhichOneofArgType__num_inference_steps: _TypeAlias = _typing.Literal["_num_inference_steps", b"_num_inference_steps"]  # noqa: Y015
     _WhichOneofReturnType__quality: _TypeAlias = _typing.Literal["quality"]  # noqa: Y015
@@ -156,11 +192,19 @@ class GenerationParams(_message.Message):
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__aesthetic_score) -> _WhichOneofReturnType__aesthetic_score | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__control_guidance_end) -> _WhichOneofReturnType__control_guidance_end | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__control_guidance_start) -> _WhichOneofReturnType__control_guidance_start | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eta) -> _WhichOneofReturnType__eta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__negative_aesthetic_score) -> _WhichOneofReturnType__negative_aesthetic_score | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_inference_steps) -> _WhichOneofReturnType__num_inference_steps | None: ...
     @_typing.overload
@@ -171,6 +215,73 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
+
+@_typing.final
+class SizeConditioning(_message.Message):
+    """SDXL size and crop conditioning, in pixels. An absent field takes the pipeline's default: the output size for
+    the sizes, 0 for the crop.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGINAL_HEIGHT_FIELD_NUMBER: _builtins.int
+    ORIGINAL_WIDTH_FIELD_NUMBER: _builtins.int
+    CROP_TOP_FIELD_NUMBER: _builtins.int
+    CROP_LEFT_FIELD_NUMBER: _builtins.int
+    TARGET_HEIGHT_FIELD_NUMBER: _builtins.int
+    TARGET_WIDTH_FIELD_NUMBER: _builtins.int
+    original_height: _builtins.int
+    """The height the model should believe the image had before cropping (`original_size`)."""
+    original_width: _builtins.int
+    """The width the model should believe the image had before cropping."""
+    crop_top: _builtins.int
+    """The top of the crop (`crops_coords_top_left`)."""
+    crop_left: _builtins.int
+    """The left of the crop."""
+    target_height: _builtins.int
+    """The height the image should look made for (`target_size`)."""
+    target_width: _builtins.int
+    """The width the image should look made for."""
+    def __init__(
+        self,
+        *,
+        original_height: _builtins.int | None = ...,
+        original_width: _builtins.int | None = ...,
+        crop_top: _builtins.int | None = ...,
+        crop_left: _builtins.int | None = ...,
+        target_height: _builtins.int | None = ...,
+        target_width: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crop_left", b"_crop_left", "_crop_top", b"_crop_top", "_original_height", b"_original_height", "_original_width", b"_original_width", "_target_height", b"_target_height", "_target_width", b"_target_width", "crop_left", b"crop_left", "crop_top", b"crop_top", "original_height", b"original_height", "original_width", b"original_width", "target_height", b"target_height", "target_width", b"target_width"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crop_left", b"_crop_left", "_crop_top", b"_crop_top", "_original_height", b"_original_height", "_original_width", b"_original_width", "_target_height", b"_target_height", "_target_width", b"_target_width", "crop_left", b"crop_left", "crop_top", b"crop_top", "original_height", b"original_height", "original_width", b"original_width", "target_height", b"target_height", "target_width", b"target_width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__crop_left: _TypeAlias = _typing.Literal["crop_left"]  # noqa: Y015
+    _WhichOneofArgType__crop_left: _TypeAlias = _typing.Literal["_crop_left", b"_crop_left"]  # noqa: Y015
+    _WhichOneofReturnType__crop_top: _TypeAlias = _typing.Literal["crop_top"]  # noqa: Y015
+    _WhichOneofArgType__crop_top: _TypeAlias = _typing.Literal["_crop_top", b"_crop_top"]  # noqa: Y015
+    _WhichOneofReturnType__original_height: _TypeAlias = _typing.Literal["original_height"]  # noqa: Y015
+    _WhichOneofArgType__original_height: _TypeAlias = _typing.Literal["_original_height", b"_original_height"]  # noqa: Y015
+    _WhichOneofReturnType__original_width: _TypeAlias = _typing.Literal["original_width"]  # noqa: Y015
+    _WhichOneofArgType__original_width: _TypeAlias = _typing.Literal["_original_width", b"_original_width"]  # noqa: Y015
+    _WhichOneofReturnType__target_height: _TypeAlias = _typing.Literal["target_height"]  # noqa: Y015
+    _WhichOneofArgType__target_height: _TypeAlias = _typing.Literal["_target_height", b"_target_height"]  # noqa: Y015
+    _WhichOneofReturnType__target_width: _TypeAlias = _typing.Literal["target_width"]  # noqa: Y015
+    _WhichOneofArgType__target_width: _TypeAlias = _typing.Literal["_target_width", b"_target_width"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crop_left) -> _WhichOneofReturnType__crop_left | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__crop_top) -> _WhichOneofReturnType__crop_top | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__original_height) -> _WhichOneofReturnType__original_height | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__original_width) -> _WhichOneofReturnType__original_width | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_height) -> _WhichOneofReturnType__target_height | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_width) -> _WhichOneofReturnType__target_width | None: ...
+
+Global___SizeConditioning: _TypeAlias = SizeConditioning  # noqa: Y015
 
 @_typing.final
 class GeneratedImage(_message.Message):
@@ -214,15 +325,26 @@ class TextToImageRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    PROMPT_2_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag (`name` or `name:version`); empty means the server's default model."""
     prompt: _builtins.str
     """What to draw."""
     negative_prompt: _builtins.str
     """What to steer away from."""
+    prompt_2: _builtins.str
+    """The prompt for the second text encoder (SDXL); empty means the same as `prompt`."""
+    negative_prompt_2: _builtins.str
+    """The negative prompt for the second text encoder (SDXL); empty means the same as `negative_prompt`."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Generation parameters; absent means the model's defaults."""
+
+    @_builtins.property
+    def control_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """ControlNet conditioning images, one per ControlNet of the model (ModelInfo.control_inputs), in order."""
 
     def __init__(
         self,
@@ -231,10 +353,13 @@ class TextToImageRequest(_message.Message):
         prompt: _builtins.str = ...,
         negative_prompt: _builtins.str = ...,
         params: Global___GenerationParams | None = ...,
+        prompt_2: _builtins.str = ...,
+        negative_prompt_2: _builtins.str = ...,
+        control_images: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "negative_prompt", b"negative_prompt", "params", b"params", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_images", b"control_images", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,6 +411,9 @@ class ImageToImageRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
+    PROMPT_2_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag; empty means the server's default model."""
     prompt: _builtins.str
@@ -294,6 +422,10 @@ class ImageToImageRequest(_message.Message):
     """What to steer away from."""
     strength: _builtins.float
     """How much to change the image, in [0, 1]; absent means the model's default."""
+    prompt_2: _builtins.str
+    """The prompt for the second text encoder (SDXL); empty means the same as `prompt`."""
+    negative_prompt_2: _builtins.str
+    """The negative prompt for the second text encoder (SDXL); empty means the same as `negative_prompt`."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Generation parameters; height and width default to the input image's size."""
@@ -301,6 +433,10 @@ class ImageToImageRequest(_message.Message):
     @_builtins.property
     def image(self) -> Global___Image:
         """The starting image."""
+
+    @_builtins.property
+    def control_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """ControlNet conditioning images, one per ControlNet of the model (ModelInfo.control_inputs), in order."""
 
     def __init__(
         self,
@@ -311,10 +447,13 @@ class ImageToImageRequest(_message.Message):
         params: Global___GenerationParams | None = ...,
         image: Global___Image | None = ...,
         strength: _builtins.float | None = ...,
+        prompt_2: _builtins.str = ...,
+        negative_prompt_2: _builtins.str = ...,
+        control_images: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "image", b"image", "params", b"params", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "image", b"image", "model", b"model", "negative_prompt", b"negative_prompt", "params", b"params", "prompt", b"prompt", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "control_images", b"control_images", "image", b"image", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
@@ -369,6 +508,9 @@ class InpaintRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
     STRENGTH_FIELD_NUMBER: _builtins.int
+    PROMPT_2_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
+    CONTROL_IMAGES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag; empty means the server's default model."""
     prompt: _builtins.str
@@ -377,6 +519,10 @@ class InpaintRequest(_message.Message):
     """What to steer away from."""
     strength: _builtins.float
     """How much to change the masked area, in [0, 1]; absent means the model's default."""
+    prompt_2: _builtins.str
+    """The prompt for the second text encoder (SDXL); empty means the same as `prompt`."""
+    negative_prompt_2: _builtins.str
+    """The negative prompt for the second text encoder (SDXL); empty means the same as `negative_prompt`."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Generation parameters; height and width default to the input image's size."""
@@ -389,6 +535,10 @@ class InpaintRequest(_message.Message):
     def mask_image(self) -> Global___Image:
         """White where the image is repainted, black where it is kept; the same size as `image`."""
 
+    @_builtins.property
+    def control_images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """ControlNet conditioning images, one per ControlNet of the model (ModelInfo.control_inputs), in order."""
+
     def __init__(
         self,
         *,
@@ -399,10 +549,13 @@ class InpaintRequest(_message.Message):
         image: Global___Image | None = ...,
         mask_image: Global___Image | None = ...,
         strength: _builtins.float | None = ...,
+        prompt_2: _builtins.str = ...,
+        negative_prompt_2: _builtins.str = ...,
+        control_images: _abc.Iterable[Global___Image] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "image", b"image", "mask_image", b"mask_image", "params", b"params", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "params", b"params", "prompt", b"prompt", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "control_images", b"control_images", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
@@ -477,6 +630,7 @@ class CallRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    ANIMATED_WEBP_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag; empty means the server's default model."""
     signature: _builtins.str
@@ -485,6 +639,8 @@ class CallRequest(_message.Message):
     """Seed of the call's generator; absent: the server picks one and returns it."""
     output_format: Global___OutputFormat.ValueType
     """Encoding of output images; UNSPECIFIED means PNG."""
+    animated_webp: _builtins.bool
+    """For video outputs: also return each video's frames as one animated WebP, base64, in `outputs`."""
     @_builtins.property
     def arguments(self) -> _struct_pb2.Struct:
         """Keyword arguments of the method, checked against its Python signature."""
@@ -502,10 +658,11 @@ class CallRequest(_message.Message):
         images: _abc.Mapping[_builtins.str, Global___Image] | None = ...,
         seed: _builtins.int | None = ...,
         output_format: Global___OutputFormat.ValueType = ...,
+        animated_webp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "arguments", b"arguments", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "arguments", b"arguments", "images", b"images", "model", b"model", "output_format", b"output_format", "seed", b"seed", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "animated_webp", b"animated_webp", "arguments", b"arguments", "images", b"images", "model", b"model", "output_format", b"output_format", "seed", b"seed", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -794,6 +951,26 @@ class ModelInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LoadOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TAG_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
     PIPELINE_CLASS_FIELD_NUMBER: _builtins.int
@@ -802,6 +979,9 @@ class ModelInfo(_message.Message):
     DEFAULT_WIDTH_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     DEFAULT_SCHEDULER_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    CONTROL_INPUTS_FIELD_NUMBER: _builtins.int
+    LOAD_OPTIONS_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Full tag, `name:version`."""
     pipeline_class: _builtins.str
@@ -812,6 +992,10 @@ class ModelInfo(_message.Message):
     """Default output width in pixels."""
     default_scheduler: _builtins.str
     """The model's own scheduler class name."""
+    dtype: _builtins.str
+    """The torch dtype the model runs in on this server ("float16", "bfloat16", "float32", ...)."""
+    control_inputs: _builtins.int
+    """How many ControlNet conditioning images a request must send (0: the model has no ControlNet)."""
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignatureInfo]:
         """The signatures a client may call."""
@@ -824,6 +1008,10 @@ class ModelInfo(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at import."""
 
+    @_builtins.property
+    def load_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The load options in effect (torch_dtype, scheduler, attention_slicing, cpu_offload, compile, ...)."""
+
     def __init__(
         self,
         *,
@@ -835,10 +1023,13 @@ class ModelInfo(_message.Message):
         default_width: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         default_scheduler: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        control_inputs: _builtins.int = ...,
+        load_options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "labels", b"labels", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_inputs", b"control_inputs", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
