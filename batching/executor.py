@@ -11,6 +11,7 @@ Futures are resolved, progress is fanned out and the cost model is fed here, in 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -53,14 +54,17 @@ class Backend(Protocol):
 class Tick:
     """What one denoising step of the step engine did."""
 
-    group: Hashable  # the active set that ran (its cost is learned per group)
+    group: Hashable  # the active set that ran (its cost is learned per group); None when no set ran
     rows: int  # rows in the denoiser call
-    seconds: float  # time of the whole tick, joins' preparation excluded
+    seconds: float  # time of the step and the decode of leaving items; joins' preparation excluded
     progress: list[tuple[WorkItem, StepEvent]] = field(default_factory=list)
     finished: list[tuple[WorkItem, Any]] = field(default_factory=list)  # results of items that left
     failed: list[tuple[WorkItem, BaseException]] = field(default_factory=list)  # items that left with an error
     evicted: list[WorkItem] = field(default_factory=list)  # items put back in the queue (out of memory)
     out_of_memory: bool = False  # the tick ran out of memory at `rows`: lower the group's row budget
+    active: int = 0  # items in the set that ran
+    in_flight: int = 0  # items the engine holds after the tick, every set counted
+    join_waits: list[float] = field(default_factory=list)  # join-to-first-step seconds of items new to this tick
 
 
 @runtime_checkable
@@ -74,8 +78,8 @@ class StepBackend(Protocol):
     def step_load(self, key: BatchKey) -> tuple[Hashable, int, int]:
         """(group, items, rows) of the active set that items of `key` would join."""
 
-    def join(self, key: BatchKey, items: Sequence[WorkItem]) -> list[tuple[WorkItem, BaseException]]:
-        """Prepare items to join at the next tick (prompts encoded together); returns those that failed."""
+    def join(self, key: BatchKey, items: Sequence[WorkItem]) -> None:
+        """Items join at the next tick (prepared there, together); those that fail to start fail in that tick."""
 
     def tick(self) -> Tick:
         """Run one denoising step of one active set; items whose last step it was leave."""
@@ -98,6 +102,10 @@ class BatchReport:
     run_seconds: float
     outcome: str  # "ok", "error", "interrupted", "tick"
     model: str = ""
+    active: int = 0  # ticks: items in the set that ran
+    join_waits: Sequence[float] = ()  # ticks: join-to-first-step seconds of the items new to the tick
+    cancelled: int = 0  # ticks: items that left cancelled (their callers gone) before their last step
+    in_flight: int = 0  # ticks: items the worker's engine holds after the tick
 
 
 class Executor:
@@ -206,7 +214,8 @@ class Executor:
             batch = self.queue.take(lambda key: self._room(stepper, key), block=not busy)
             if batch is not None and batch.key.kind is WorkKind.STEP and stepper is not None:
                 self._join(name, stepper, batch)
-            elif batch is not None:
+                continue  # admit everything that is waiting and fits: joiners of one tick are prepared together
+            if batch is not None:
                 self._run(name, backend, batch)
             elif not busy:
                 return  # closed and drained
@@ -295,26 +304,24 @@ class Executor:
     # --- step work -----------------------------------------------------------------------------------------
 
     def _join(self, name: str, stepper: StepBackend, batch: Batch) -> None:
-        waits = {id(item): wait for item, wait in zip(batch.items, batch.queue_wait)}
-        items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
         now = self._clock()
-        for item in items:
-            item.trace.queue_wait, item.trace.started = waits[id(item)], now
+        items = []
+        for item, wait in zip(batch.items, batch.queue_wait):
+            if item.future.running():  # resumes after an eviction: it keeps its state and its first start
+                items.append(item)
+            elif item.future.set_running_or_notify_cancel():
+                item.trace.queue_wait, item.trace.started = wait, now
+                items.append(item)
         try:
-            failures = stepper.join(batch.key, items)
-        except Exception as exc:  # a bug in the engine's preparation: these items fail, the worker goes on
-            log.exception("worker %s: step engine failed to admit %d items", name, len(items))
-            failures = [(item, exc) for item in items]
-        for item, error in failures:
-            set_exception(item.future, _classify(error))
+            stepper.join(batch.key, items)
+        except BaseException as exc:  # a bug, or the worker going down: these callers must not hang
+            self._fail_step_items(name, items, exc)
 
     def _tick(self, name: str, stepper: StepBackend) -> None:
         try:
             tick = stepper.tick()
-        except Exception as exc:  # a bug in the engine's loop: fail what it held, keep the worker serving
-            log.exception("worker %s: step engine failed; failing its active items", name)
-            for item in stepper.abandon():
-                set_exception(item.future, exc)
+        except BaseException as exc:  # a bug in the engine's loop: fail what it held, keep the worker serving
+            self._fail_step_items(name, stepper.abandon(), exc)
             return
         now = self._clock()
         if tick.out_of_memory:
@@ -327,13 +334,27 @@ class Executor:
         for item, event in tick.progress:
             _send_progress(item, event)
         for item, _ in tick.finished + tick.failed:
-            item.trace.finished, item.trace.batch_size = now, max(item.trace.batch_size, tick.rows)
-        if tick.rows:
-            self._emit(BatchReport(name, None, tick.rows, (), tick.seconds, "tick", _model_of(tick)))
+            item.trace.finished = now
+        if tick.rows or tick.failed:
+            cancelled = sum(isinstance(error, ItemCancelledError) for _, error in tick.failed)
+            report = BatchReport(name, None, tick.rows, (), tick.seconds, "tick", _model_of(tick), tick.active)
+            report = dataclasses.replace(report, join_waits=tuple(tick.join_waits), cancelled=cancelled)
+            self._emit(dataclasses.replace(report, in_flight=tick.in_flight))
         for item, result in tick.finished:
             set_result(item.future, result)
         for item, error in tick.failed:
             set_exception(item.future, _classify(error))
+
+    @staticmethod
+    def _fail_step_items(name: str, items: Sequence[WorkItem], exc: BaseException) -> None:
+        """The engine failed outside any one item (a bug), or the worker is going down (re-raised)."""
+        if isinstance(exc, Exception):
+            log.error("worker %s: the step engine failed; failing its %d items", name, len(items), exc_info=exc)
+        error = exc if isinstance(exc, Exception) else WorkerUnavailableError(f"worker {name} died")
+        for item in items:
+            set_exception(item.future, error)
+        if not isinstance(exc, Exception):
+            raise exc
 
     # --- shared --------------------------------------------------------------------------------------------
 

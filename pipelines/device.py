@@ -19,9 +19,9 @@ class Device:
         return self.name.startswith("cuda")
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
-        """Run model code: no autograd, and on CUDA the worker's stream, synchronised before results are read
-        on another thread."""
+    def running(self, *, synchronize: bool = True) -> Iterator[None]:
+        """Run model code: no autograd, and on CUDA the worker's stream. With `synchronize` the stream is finished
+        before the results are read on another thread; a denoising tick leaves it running (no host sync)."""
         import torch
 
         with torch.inference_mode():
@@ -32,4 +32,5 @@ class Device:
                 self._stream = torch.cuda.Stream(device=self.name)
             with torch.cuda.stream(self._stream):
                 yield
-            self._stream.synchronize()
+            if synchronize:
+                self._stream.synchronize()

@@ -1,35 +1,70 @@
-"""One executor worker's backend: its device's replica of every served model, and the engines that run on it."""
+"""One executor worker's backend: its device's replica of every served model, and the engines that run on it.
+
+Implements the executor's `Backend` (request batches: `RequestEngine`) and `StepBackend` (step-level batching:
+`StepEngine`, for the models and tasks it supports).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from batching import BatchKey, StepHook, WorkItem
+from batching import BatchKey, StepHook, Tick, WorkItem, WorkKind
 
 from .device import Device
 from .request_engine import RequestEngine
+from .step_engine import StepEngine
 
 WarmupWork = Callable[[], Sequence[Sequence[WorkItem]]]
 """Builds fresh warm-up batches (work items carry futures, so each worker needs its own)."""
 
 
 class PipelineWorker:
-    """Implements the executor's `Backend` for loaded diffusers pipelines (`model_store` runners by tag)."""
+    """The backend of one worker, over loaded diffusers pipelines (`model_store` runners by tag)."""
 
     def __init__(self, models: Mapping[str, Any], device: str, warmup_work: WarmupWork | None = None) -> None:
         self.device = Device(device)
         self.models = models
         self.request = RequestEngine(models, self.device)
+        self.step = StepEngine(models, self.device)
         self._warmup_work = warmup_work
 
     def warmup(self) -> None:
-        """Run each warm-up batch once, so the first request does not pay for lazy initialisation."""
+        """Run each warm-up batch once through its engine, so the first request does not pay for lazy init."""
         for items in self._warmup_work() if self._warmup_work else ():
-            self.run_batch(items[0].key, items, _keep_going)
+            key = items[0].key
+            if key.kind is not WorkKind.STEP:
+                self.run_batch(key, items, _keep_going)
+                continue
+            self.step.join(items)
+            failed = []
+            while self.step.busy:
+                failed += self.step.tick().failed
+            if failed:
+                raise RuntimeError(f"step warm-up of {key.model} failed: {failed[0][1]!r}") from failed[0][1]
+
+    # --- request batches -------------------------------------------------------------------------------------
 
     def run_batch(self, key: BatchKey, items: Sequence[WorkItem], on_step: StepHook) -> Sequence[Any]:
         return self.request.run(key, items, on_step)
+
+    # --- step work -------------------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.step.busy
+
+    def step_load(self, key: BatchKey) -> tuple[Hashable, int, int]:
+        return self.step.load(key)
+
+    def join(self, key: BatchKey, items: Sequence[WorkItem]) -> None:
+        self.step.join(items)
+
+    def tick(self) -> Tick:
+        return self.step.tick()
+
+    def abandon(self) -> list[WorkItem]:
+        return self.step.abandon()
 
 
 def _keep_going(step: int, total: int, latents: Any = None) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 ENV_PREFIX = "DIFFUSERS_GRPC_"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BATCHING = ("auto", "step", "request")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ class ServerConfig:
     reflection: bool = True
     trust_remote_code: bool = False  # run the custom pipeline code a served model ships (the operator's call)
     dtype: str = "auto"  # auto, float32, float16 or bfloat16
+    batching: str = "auto"  # auto, step or request
     compile: bool = False  # torch.compile the denoisers (CUDA only)
     max_image_size: int = 2048
     max_steps: int = 150
@@ -74,6 +76,8 @@ class ServerConfig:
             raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.max_image_size < 8 or self.max_image_size % 8:
             raise ConfigError(f"max_image_size must be a positive multiple of 8, got {self.max_image_size}")
+        if self.batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.log_format not in ("text", "json"):

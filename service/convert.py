@@ -202,7 +202,9 @@ def model_info(served: ServedModel) -> pb.ModelInfo:
     return pb.ModelInfo(
         tag=model.tag,
         signatures=[
-            pb.SignatureInfo(name=s.name, batchable=s.batchable, batch_dim=s.batch_dim, task=s.task)
+            pb.SignatureInfo(
+                name=s.name, batchable=s.batchable, batch_dim=s.batch_dim, task=s.task, engine=served.engines[s.name]
+            )
             for s in model.signatures.values()
         ],
         pipeline_class=model.info.pipeline_class,

@@ -12,6 +12,8 @@ from typing import Any
 
 from batching import BatchKey, Frozen, ProgressCallback, WorkItem, WorkKind
 from model_store import Signature
+from pipelines.step_engine import STEP_INPUT
+from pipelines.step_families import StepInputs
 
 from .registry import ServedModel
 
@@ -127,11 +129,44 @@ class Generation:
         return inputs
 
     def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
-        key, inputs = self.batch_key(), self.item_inputs()
+        """One item per image; the first carries the progress callback (Stream reports on the first image)."""
+        if self.served.engines.get(self.signature.name) == "step":
+            key, inputs = self.step_key(), {STEP_INPUT: self.step_inputs()}
+        else:
+            key, inputs = self.batch_key(), self.item_inputs()
         return [
             WorkItem(key=key, inputs=inputs, seed=seed, deadline=deadline, on_progress=on_progress if i == 0 else None)
             for i, seed in enumerate(self.seeds())
         ]
+
+    def step_key(self) -> BatchKey:
+        """For the step engine, everything is per item: only the model and the latent shape group items."""
+        return BatchKey.build(
+            self.served.tag, self.signature.name, {}, kind=WorkKind.STEP, group={"size": (self.height, self.width)}
+        )
+
+    def step_inputs(self) -> StepInputs:
+        return StepInputs(
+            task=self.task,
+            prompt=self.prompt,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            negative_prompt=self.negative_prompt,
+            prompt_2=self.prompt_2,
+            negative_prompt_2=self.negative_prompt_2,
+            scheduler=self.scheduler,
+            eta=self.eta,
+            strength=self.strength,
+            image=self.image,
+            mask_image=self.mask_image,
+            original_size=self.original_size,
+            crops_coords_top_left=self.crops_coords_top_left,
+            target_size=self.target_size,
+            aesthetic_score=self.aesthetic_score,
+            negative_aesthetic_score=self.negative_aesthetic_score,
+        )
 
     def describe(self, seed: int) -> Mapping[str, str]:
         """Parameters written into each output PNG, so an image says how to make it again."""

@@ -25,26 +25,28 @@ class ServedModel:
     model: Model  # with the load options it is served with
     defaults: PipelineDefaults
     parameters: Mapping[str, Parameters | None] = field(default_factory=dict, compare=False, repr=False)
+    engines: Mapping[str, str] = field(default_factory=dict, compare=False)  # signature -> "step" or "request"
     tokenizer: Any = field(default=None, compare=False, repr=False)
     # Fast tokenizers fail with "Already borrowed" when two threads use one at once (validation runs on a pool).
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @classmethod
-    def of(cls, model: Model) -> ServedModel:
+    def of(cls, model: Model, batching: str = "auto") -> ServedModel:
         """Resolve everything a request needs to know about a model with its load options, before any port opens:
-        its class (an unknown one, or untrusted custom code, fails here), each signature's parameters, the
-        defaults its config files give."""
+        its class (an unknown one, or untrusted custom code, fails here), each signature's parameters and
+        batching engine, the defaults its config files give."""
         pipeline_class = model.pipeline_type()
         parameters = {
             name: interface.signature_parameters(pipeline_class, name, sig.task)
             for name, sig in model.signatures.items()
         }
+        engines = {name: _engine(batching, model, pipeline_class, sig) for name, sig in model.signatures.items()}
         defaults = read_pipeline_defaults(model.path)
         scheduler = model.effective_options().scheduler
         if scheduler is not None:  # the load options replace the stored scheduler
             name = scheduler if isinstance(scheduler, str) else scheduler.__name__
             defaults = dataclasses.replace(defaults, scheduler=name, compatible_schedulers=compatible_schedulers(name))
-        return cls(model, defaults, parameters, _load_tokenizer(model))
+        return cls(model, defaults, parameters, engines, _load_tokenizer(model))
 
     @property
     def tag(self) -> str:
@@ -104,6 +106,31 @@ class ServedModel:
             if count > limit:
                 warnings.append(f"{name} is {count} tokens; the text encoder reads the first {limit}, ignores the rest")
         return tuple(warnings)
+
+
+def _engine(batching: str, model: Model, pipeline_class: type, signature: Signature) -> str:
+    """Step-level batching where the step engine reproduces the signature exactly (and, under `auto`, where the
+    importer declared it batchable); request batching everywhere else: the engine never stops a model serving."""
+    from pipelines.step_families import step_capable
+
+    if batching == "request" or signature.task not in interface.TYPED_TASKS:
+        return "request"
+    if batching == "auto" and not signature.batchable:
+        return "request"
+    if (model.effective_options().cpu_offload or "none") != "none":
+        return "request"  # offload hooks move modules per pipeline call; the step engine calls them directly
+    own = getattr(pipeline_class, signature.name, None)
+    if signature.name == "__call__":
+        task_class: type | None = pipeline_class
+    elif own is None:
+        task_class = interface.derived_class(pipeline_class, signature.task)
+    else:
+        task_class = None  # a method of its own: custom code the engine cannot see into
+    if step_capable(pipeline_class, task_class, model.path):
+        return "step"
+    if batching == "step":
+        log.warning("%s: %s stays on request batching (the step engine does not support it)", model.tag, signature.name)
+    return "request"
 
 
 def resolve_dtype(flag: str, model: Model, device: str) -> str:

@@ -49,6 +49,7 @@ class BatchStats:
         with self._lock:
             self.sizes[report.size] += 1
             self.outcomes[report.outcome] += 1
+            self.outcomes["cancelled"] += report.cancelled
             self.workers[report.worker] += 1
         log.debug("batch worker=%s size=%d run=%.1fms", report.worker, report.size, report.run_seconds * 1e3)
 
@@ -91,7 +92,7 @@ class DiffusionServer:
         options = {"trust_remote_code": self.config.trust_remote_code, "torch_dtype": dtype}
         if self.config.compile:
             options["compile"] = True
-        return ServedModel.of(model.with_options(**options))
+        return ServedModel.of(model.with_options(**options), self.config.batching)
 
     def _on_batch(self, report: BatchReport) -> None:
         self.stats.record(report)

@@ -41,7 +41,19 @@ class Metrics:
             f"{PREFIX}queue_wait_seconds", "time items wait in the batch queue", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.batch_size = Histogram(
-            f"{PREFIX}batch_size", "items per pipeline call", buckets=_BATCH_BUCKETS, registry=r
+            f"{PREFIX}batch_size", "items per pipeline call or denoising step", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.tick_rows = Histogram(
+            f"{PREFIX}tick_rows", "UNet rows per step-engine tick", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.active_items = Gauge(
+            f"{PREFIX}active_items", "items the step engine holds, by worker", ["worker"], registry=r
+        )
+        self.join_wait = Histogram(
+            f"{PREFIX}join_wait_seconds",
+            "time from an item joining the step engine to its first denoising step",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
             f"{PREFIX}inference_seconds", "pipeline call time", ["model"], buckets=_LATENCY_BUCKETS, registry=r
@@ -51,10 +63,18 @@ class Metrics:
         self.models_loaded = Gauge(f"{PREFIX}models_loaded", "models loaded and warm", registry=r)
 
     def record_batch(self, report: BatchReport) -> None:
-        self.batch_size.observe(report.size)
+        """A pipeline call or a step-engine tick. Queue waits are recorded per item when its RPC ends."""
+        if report.outcome == "tick":
+            self.active_items.labels(report.worker).set(report.in_flight)
+            for wait in report.join_waits:
+                self.join_wait.observe(wait)
+            if not report.size:
+                return  # the tick only let cancelled or failed items go
+            self.tick_rows.observe(report.size)
+            self.batch_size.observe(report.active)
+        else:
+            self.batch_size.observe(report.size)
         self.inference.labels(report.model).observe(report.run_seconds)
-        for wait in report.queue_wait:
-            self.queue_wait.observe(wait)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> Any:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -147,6 +167,9 @@ class _Observation:
             metrics.in_flight.dec()
             metrics.requests.labels(s.model, s.rpc, code).inc()
             metrics.latency.labels(s.rpc).observe(elapsed)
+            for item in s.items:
+                if item.trace.started:  # it left the queue (to run, or to join the step engine)
+                    metrics.queue_wait.observe(item.trace.queue_wait)
         fields: dict[str, Any] = {
             "request_id": s.request_id,
             "rpc": s.rpc,

@@ -71,7 +71,7 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
             want, got = f"{image.width}x{image.height}", f"{mask.width}x{mask.height}"
             bad.add("mask_image", f"must be the size of image, {want}, got {got}")
     fields = _params(request.params, served, signature.name, limits, bad, input_size=image.size if image else None)
-    strength = _strength(request, fields["num_inference_steps"], bad) if image is not None else None
+    strength = _strength(request, served, signature.name, fields["num_inference_steps"], bad) if image else None
     fields.update(_second_texts(request, served, signature.name, bad))
     fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
     fields.update(_control(request, served, limits, fields, bad))
@@ -297,20 +297,23 @@ def _mime_type(output_format: str, field: str, bad: Violations) -> str:
     return MIME_TYPES[output_format]
 
 
-# diffusers' defaults: the denoising steps run are int(num_inference_steps * strength)
+# When a pipeline's signature has no default (diffusers' own: SD img2img 0.8, inpaint 1.0, SDXL inpaint 0.9999).
 DEFAULT_STRENGTH = {IMG2IMG: 0.8, INPAINT: 1.0}
 
 
-def _strength(request: TaskRequest, steps: int, bad: Violations) -> float | None:
+def _strength(request: TaskRequest, served: ServedModel, signature: str, steps: int, bad: Violations) -> float:
+    """The strength to run with: the request's, else the pipeline's own default (both engines pass it)."""
     strength = request.strength
     if strength is not None and not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
         bad.add("strength", f"must be a finite number in [0, 1], got {strength}")
         return strength
-    effective = DEFAULT_STRENGTH[request.task] if strength is None else strength
+    effective = float(
+        served.default(signature, "strength", DEFAULT_STRENGTH[request.task]) if strength is None else strength
+    )
     if int(steps * effective) < 1:  # diffusers would run zero steps and fail on an empty batch
         field = "strength" if strength is not None else "params.num_inference_steps"
         bad.add(field, f"num_inference_steps x strength = {steps} x {effective:g} runs no step; raise either")
-    return strength
+    return effective
 
 
 def _image(data: bytes | None, field: str, limits: Limits, bad: Violations) -> Any:

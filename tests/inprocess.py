@@ -56,17 +56,26 @@ def running_server(store: ModelStore, wait: bool = True, **config: Any) -> Itera
 
 
 class Gate:
-    """Holds a server's worker inside its next pipeline call until the test releases it, so requests sent
-    meanwhile queue up behind it: batching that is deterministic, with no long 'blocker' request and no sleep.
+    """Holds a server's worker inside its next pipeline call or denoising step until the test releases it, so
+    requests sent meanwhile queue up behind it: batching that is deterministic, with no long 'blocker' request
+    and no sleep.
 
-    Pass `gate.factory` as the server's `factory`; `calls` records the size of every call the worker ran.
+    Pass `gate.factory` as the server's `factory`. `calls` records the size of every request-batched call,
+    `ticks` the items of every step-engine tick.
     """
 
     def __init__(self) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.calls: list[int] = []
+        self.ticks: list[int] = []
         self._armed = True
+
+    def _hold(self) -> None:
+        if self._armed:
+            self._armed = False
+            self.entered.set()
+            self.release.wait(120)
 
     def factory(self, served: Any, device: str, warmup: Any) -> Any:
         from service.workers import backend_factory
@@ -77,17 +86,20 @@ class Gate:
             worker = build()
             worker.warmup()  # warm-up runs before the gate is wired: it must not be held
             worker.warmup = lambda: None
-            real = worker.run_batch
+            run_batch, tick = worker.run_batch, worker.tick
 
-            def run_batch(key: Any, items: Any, on_step: Any) -> Any:
+            def gated_run_batch(key: Any, items: Any, on_step: Any) -> Any:
                 self.calls.append(len(items))
-                if self._armed:
-                    self._armed = False
-                    self.entered.set()
-                    self.release.wait(120)
-                return real(key, items, on_step)
+                self._hold()
+                return run_batch(key, items, on_step)
 
-            worker.run_batch = run_batch
+            def gated_tick() -> Any:
+                self._hold()
+                result = tick()
+                self.ticks.append(result.active)
+                return result
+
+            worker.run_batch, worker.tick = gated_run_batch, gated_tick
             return worker
 
         return gated

@@ -43,6 +43,13 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-steps", "max_steps", int, "most inference steps a request may ask for (default 150)"),
     ("--max-images", "max_images", int, "most images per request (default 16)"),
     (
+        "--batching",
+        "batching",
+        str,
+        "auto, step or request (default auto: step-level batching for the batchable signatures of the models it "
+        "supports, request batching elsewhere; step: for every signature it supports)",
+    ),
+    (
         "--dtype",
         "dtype",
         str,

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import bad_request_fields, decode, health_status
+from helpers import bad_request_fields, decode, health_status, wait_for
 from inprocess import running_server
 from test_api_tasks import gradient, half_mask
 
@@ -148,18 +148,20 @@ def test_stream_without_a_request_is_invalid(client):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_cancelling_a_stream_interrupts_its_running_batch(served, client):
-    server, _ = served
-    before = server.stats.outcomes["interrupted"]
-    request = pb.TextToImageRequest(prompt="long", params=pb.GenerationParams(seed=1, num_inference_steps=150))
-    call = client.stub.Stream(pb.StreamRequest(text_to_image=request), timeout=120)
-    first = next(call)
-    assert first.progress.step == 1
-    call.cancel()
-    with pytest.raises(grpc.RpcError) as caught:
-        list(call)
-    assert caught.value.code() == grpc.StatusCode.CANCELLED
-    # The worker stops at its next step; a follow-up request queues behind it, so once it is answered the
-    # interrupted batch has been reported.
-    assert client.text_to_image("after", seed=1, steps=2).images
-    assert server.stats.outcomes["interrupted"] > before, dict(server.stats.outcomes)
+@pytest.mark.parametrize("batching", ["step", "request"])
+def test_cancelling_a_stream_stops_its_work_at_the_next_step(store, batching):
+    with running_server(store, batching=batching) as (server, target), DiffusionClient(target) as client:
+        request = pb.TextToImageRequest(prompt="long", params=pb.GenerationParams(seed=1, num_inference_steps=150))
+        call = client.stub.Stream(pb.StreamRequest(text_to_image=request), timeout=120)
+        first = next(call)
+        assert first.progress.step == 1
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        if batching == "request":  # the worker interrupts the call at its next step (pipe._interrupt)
+            wait_for(lambda: server.stats.outcomes["interrupted"] == 1, what="the call to be interrupted")
+        else:  # the item leaves the running batch at the next tick
+            wait_for(lambda: server.stats.outcomes["cancelled"] == 1, what="the item to leave")
+            assert server.stats.outcomes["tick"] < 150  # it never ran its 150 steps
+        assert client.text_to_image("after", seed=1, steps=2).images  # and the worker serves on

@@ -267,16 +267,27 @@ def test_a_dying_worker_turns_readiness_off_and_fails_its_items(store):
         build = backend_factory(served, device, warmup)
 
         def fragile():
-            runner = build()
-            real = runner.run_batch
+            worker = build()
+            run_batch, join = worker.run_batch, worker.join
 
-            def run_batch(key, items, on_step):
-                if items[0].inputs.get("prompt") == "die":
+            def doomed(items):
+                return any(
+                    "die" in (item.inputs.get("prompt"), getattr(item.inputs.get("step"), "prompt", None))
+                    for item in items
+                )
+
+            def fragile_run_batch(key, items, on_step):
+                if doomed(items):
                     raise SystemExit("worker killed")
-                return real(key, items, on_step)
+                return run_batch(key, items, on_step)
 
-            runner.run_batch = run_batch
-            return runner
+            def fragile_join(key, items):
+                if doomed(items):
+                    raise SystemExit("worker killed")
+                return join(key, items)
+
+            worker.run_batch, worker.join = fragile_run_batch, fragile_join
+            return worker
 
         return fragile
 

@@ -57,14 +57,17 @@ def test_num_images_gives_consecutive_seeds_each_reproducible_alone(client):
     assert np.abs(decode(alone.image.data) - decode(response.images[1].image.data)).max() <= 1
 
 
-def test_concurrent_requests_are_batched_and_each_image_matches_its_solo_run(store, client):
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_concurrent_requests_are_batched_and_each_image_matches_its_solo_run(store, client, batching):
     prompts = [f"a painting of a {thing}" for thing in ("cat", "dog", "owl", "fox", "cow", "bee", "elk", "ant")]
     solo = [decode(client.text_to_image(p, seed=100 + i, steps=8).images[0].image.data) for i, p in enumerate(prompts)]
     gate = Gate()
-    with running_server(store, max_batch_size=8, factory=gate.factory) as (server, target):
+    with running_server(store, max_batch_size=8, factory=gate.factory, batching=batching) as (server, target):
         stub = DiffusionClient(target).stub
-        first = stub.TextToImage.future(pb.TextToImageRequest(prompt="first", params=pb.GenerationParams(seed=1)))
-        assert gate.entered.wait(60)  # the worker is now held inside the first call
+        first = stub.TextToImage.future(
+            pb.TextToImageRequest(prompt="first", params=pb.GenerationParams(seed=1, num_inference_steps=8))
+        )
+        assert gate.entered.wait(60)  # the worker is now held inside the first call (or its first step)
         futures = [
             stub.TextToImage.future(
                 pb.TextToImageRequest(prompt=p, params=pb.GenerationParams(num_inference_steps=8, seed=100 + i))
@@ -75,7 +78,10 @@ def test_concurrent_requests_are_batched_and_each_image_matches_its_solo_run(sto
         gate.release.set()
         first.result(timeout=120)
         batched = [decode(f.result(timeout=120).images[0].image.data) for f in futures]
-    assert gate.calls == [1, 8]  # the first call alone, then all eight together
+    if batching == "request":
+        assert gate.calls == [1, 8]  # the first call alone, then all eight together
+    else:  # seven join the running item at its next step (a set holds 8), the eighth when one leaves
+        assert gate.ticks[0] == 1 and max(gate.ticks) == 8 and not gate.calls
     for i, (alone, together) in enumerate(zip(solo, batched)):
         assert np.abs(alone - together).max() <= 1, f"request {i} changed when batched"
 

@@ -1045,6 +1045,7 @@ class SignatureInfo(_message.Message):
     BATCHABLE_FIELD_NUMBER: _builtins.int
     BATCH_DIM_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Method name, such as `__call__` or `text2img`."""
     batchable: _builtins.bool
@@ -1052,7 +1053,11 @@ class SignatureInfo(_message.Message):
     batch_dim: _builtins.int
     """The dimension along which per-item arguments are stacked."""
     task: _builtins.str
-    """"text2img", "img2img", "inpaint" or "other"."""
+    """"text2img", "img2img", "inpaint" or "custom"."""
+    engine: _builtins.str
+    """How requests of this signature are batched: "step" (they join and leave a running denoising batch at step
+    boundaries) or "request" (requests with equal call-wide arguments share one pipeline call).
+    """
     def __init__(
         self,
         *,
@@ -1060,10 +1065,11 @@ class SignatureInfo(_message.Message):
         batchable: _builtins.bool = ...,
         batch_dim: _builtins.int = ...,
         task: _builtins.str = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim", b"batch_dim", "batchable", b"batchable", "name", b"name", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim", b"batch_dim", "batchable", b"batchable", "engine", b"engine", "name", b"name", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

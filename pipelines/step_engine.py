@@ -1,0 +1,411 @@
+"""Continuous batching at denoising-step boundaries: requests join and leave a running batch.
+
+One worker's engine holds one active set per (model, latent shape): only the shape decides which items may share
+a UNet call. The executor's worker loop admits items (`join`, between ticks) and calls `tick` while any item is
+active. One tick is the whole algorithm:
+
+    prepare the items that joined since the last tick (their prompts encoded together, their latents started)
+    pick the active set that has waited longest (so no set starves)
+    drop its cancelled and expired items
+    run ONE UNet call over the rows of all its items: each row with its own timestep and conditioning
+    per item: its own classifier-free guidance combine, then its own scheduler's step with its own generator
+    items whose last step this was leave: decode them together and hand back their images
+
+Each item owns its scheduler, so items with different steps, guidance, schedulers, eta, strength and seeds share
+every call, and each image equals its solo `pipe(...)` call (`step_families` does the per-family parts exactly as
+the pipelines do). Nothing syncs the host in a tick but the schedulers' own bookkeeping and the decode of
+finished items.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from batching import BatchKey, ItemCancelledError, ItemOutput, OutOfMemoryError, StepEvent, Tick, WorkItem
+from batching.errors import DeadlineExceededError
+from batching.executor import is_out_of_memory
+
+from .device import Device
+from .step_families import Conditioning, Family, StepInputs, family_of, step_kwargs
+
+log = logging.getLogger(__name__)
+STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
+
+
+class NumericalError(ValueError):
+    """An item's latents stopped being finite: an extreme request value (a huge guidance scale) or a float16
+    overflow. A ValueError, so the client hears INVALID_ARGUMENT; the worker logs a warning for the operator."""
+
+
+@dataclass
+class Track:
+    """One item in the denoising batch: its own scheduler, generator, latents and conditioning rows."""
+
+    item: WorkItem
+    spec: StepInputs
+    family: Family
+    pipe: Any  # the task's pipeline (derived for img2img and inpaint)
+    scheduler: Any
+    generator: Any
+    conditioning: Conditioning
+    latents: Any
+    timesteps: Any
+    channels: Any = None
+    blend: tuple[Any, Any, Any] | None = None
+    step: int = 0  # index of the next timestep
+    joined: float = 0.0
+    last_tick: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.spec.cfg else 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.timesteps)
+
+
+@dataclass
+class _Model:
+    """A served model as the engine uses it."""
+
+    base: Any  # the loaded pipeline
+    family: Family
+    tasks: Mapping[str, Any]  # signature name -> the pipeline that performs its task
+    schedulers: dict[str, list[Any]] = field(default_factory=dict)  # free scheduler instances by class name
+
+
+class StepEngine:
+    """One worker's step engine over its loaded models (`model_store` runners by tag)."""
+
+    def __init__(self, models: Mapping[str, Any], device: Device, clock: Callable[[], float] = time.monotonic) -> None:
+        self.device = device
+        self.clock = clock
+        self._models: dict[str, _Model] = {}
+        for tag, runner in models.items():
+            family = family_of(type(runner.pipeline))
+            if family is not None:
+                tasks = {name: sig.pipeline for name, sig in runner.signatures.items()}
+                self._models[tag] = _Model(runner.pipeline, family, tasks)
+        self._sets: dict[Hashable, list[Track]] = {}
+        self._pending: list[WorkItem] = []
+        self._suspended: dict[int, Track] = {}  # evicted after an out-of-memory, by id(item)
+
+    # --- what the executor asks ------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or any(self._sets.values())
+
+    @staticmethod
+    def group_of(key: BatchKey) -> Hashable:
+        """Items of a model and latent shape share UNet calls, whatever their task or parameters."""
+        return (key.model, dict(key.group).get("size"))
+
+    def load(self, key: BatchKey) -> tuple[Hashable, int, int]:
+        group = self.group_of(key)
+        tracks = self._sets.get(group, [])
+        pending = [item for item in self._pending if self.group_of(item.key) == group]
+        rows = sum(t.rows for t in tracks) + sum(2 if _spec(i).cfg else 1 for i in pending)
+        return group, len(tracks) + len(pending), rows
+
+    def join(self, items: Sequence[WorkItem]) -> None:
+        """Items join at the next tick (their preparation is batched there)."""
+        self._pending.extend(items)
+
+    def abandon(self) -> list[WorkItem]:
+        items = [t.item for tracks in self._sets.values() for t in tracks] + self._pending
+        items += [t.item for t in self._suspended.values()]
+        self._sets.clear()
+        self._pending.clear()
+        self._suspended.clear()
+        return items
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def tick(self) -> Tick:
+        now = self.clock()
+        failed = self._admit(now)
+        group = min(self._sets, key=lambda g: min(t.last_tick for t in self._sets[g]), default=None)
+        if group is None:
+            return Tick(None, 0, 0.0, failed=failed)
+        tracks, failed = self._live(self._sets[group], now, failed)
+        self._sets[group] = tracks
+        if not tracks:
+            del self._sets[group]
+            return Tick(group, 0, 0.0, failed=failed)
+        rows = sum(t.rows for t in tracks)
+        started = self.clock()
+        first_steps = [started - t.joined for t in tracks if t.step == 0]
+        try:
+            with self.device.running(synchronize=False):
+                noise = self._denoise(tracks)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                return self._out_of_memory(group, tracks, rows, failed)
+            return self._isolate(group, tracks, exc, failed, started)
+        tick = Tick(group, rows, 0.0, failed=failed, active=len(tracks), join_waits=first_steps)
+        with self.device.running(synchronize=False):
+            self._advance(tracks, noise, tick)
+        tick.seconds = self.clock() - started
+        self._finish(group, tick)
+        tick.in_flight = self.in_flight
+        return tick
+
+    @property
+    def in_flight(self) -> int:
+        """Items the engine holds: denoising, waiting to start, or evicted and waiting to resume."""
+        return sum(len(tracks) for tracks in self._sets.values()) + len(self._pending) + len(self._suspended)
+
+    def _denoise(self, tracks: Sequence[Track]) -> Any:
+        """One UNet call over every row of the set: per-row timesteps, conditioning and extra channels."""
+        import torch
+
+        inputs, times, embeds = [], [], []
+        added: dict[str, list[Any]] = {name: [] for name in tracks[0].conditioning.added}
+        for track in tracks:
+            t = track.timesteps[track.step]
+            latents = torch.cat([track.latents] * 2) if track.spec.cfg else track.latents
+            model_input = track.scheduler.scale_model_input(latents, t)
+            if track.channels is not None:
+                model_input = torch.cat([model_input, track.channels], dim=1)
+            inputs.append(model_input)
+            times.append(t.to(torch.float32).reshape(1).expand(track.rows))  # the UNet embeds timesteps in fp32
+            embeds.append(track.conditioning.embeds)
+            for name, rows in track.conditioning.added.items():
+                added[name].append(rows)
+        unet = tracks[0].pipe.unet
+        return unet(
+            torch.cat(inputs),
+            torch.cat(times),
+            encoder_hidden_states=torch.cat(embeds),
+            added_cond_kwargs={name: torch.cat(rows) for name, rows in added.items()} or None,
+            return_dict=False,
+        )[0]
+
+    def _advance(self, tracks: Sequence[Track], noise: Any, tick: Tick) -> None:
+        """Each item's own guidance combine and scheduler step, as its pipeline's loop does them."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        offset = 0
+        for track in tracks:
+            trace = track.item.trace  # for the request's log line: the most items it shared a step with
+            trace.batch_size = max(trace.batch_size, len(tracks))
+            spec, t = track.spec, track.timesteps[track.step]
+            prediction = noise[offset : offset + track.rows]
+            offset += track.rows
+            try:
+                if spec.cfg:
+                    uncond, text = prediction.chunk(2)
+                    prediction = uncond + spec.guidance_scale * (text - uncond)
+                    if spec.guidance_rescale > 0.0:
+                        prediction = rescale_noise_cfg(prediction, text, guidance_rescale=spec.guidance_rescale)
+                kwargs = step_kwargs(track.scheduler, spec.eta, track.generator)
+                track.latents = track.scheduler.step(prediction, t, track.latents, **kwargs, return_dict=False)[0]
+                if track.blend is not None:
+                    track.latents = self._blend(track)
+            except Exception as exc:  # this item's scheduler or inputs: it fails alone
+                tick.failed.append((track.item, exc))
+                track.step = len(track.timesteps)
+                continue
+            track.step += 1
+            track.last_tick = self.clock()
+            if track.item.on_progress is not None:
+                event = StepEvent(track.step, len(track.timesteps), self.clock() - track.joined, track.latents[0])
+                tick.progress.append((track.item, event))
+
+    @staticmethod
+    def _blend(track: Track) -> Any:
+        """4-channel inpainting: keep the unmasked area on the input image's noised trajectory."""
+        image_latents, mask, noise = track.blend  # type: ignore[misc]
+        proper = image_latents
+        if track.step < len(track.timesteps) - 1:
+            proper = track.scheduler.add_noise(image_latents, noise, track.timesteps[track.step + 1 : track.step + 2])
+        return (1 - mask) * proper + mask * track.latents
+
+    def _finish(self, group: Hashable, tick: Tick) -> None:
+        """Items whose last step this was leave: decoded together, their images handed back."""
+        import torch
+
+        tracks = self._sets[group]
+        failed = {id(item) for item, _ in tick.failed}
+        leaving = [t for t in tracks if t.done and id(t.item) not in failed]
+        self._sets[group] = [t for t in tracks if not t.done]
+        if not self._sets[group]:
+            del self._sets[group]
+        for track in tracks:
+            if track.done:
+                self._release(track)
+        finite = []
+        for track in leaving:  # the one host sync per finished batch: the decode below needs it anyway
+            if bool(torch.isfinite(track.latents).all()):
+                finite.append(track)
+            else:
+                log.warning(
+                    "%s: an item's latents became non-finite (NaN or inf); it fails alone", track.item.key.model
+                )
+                error = NumericalError("the model's latents became non-finite (NaN or inf) for this request")
+                tick.failed.append((track.item, error))
+        if not finite:
+            return
+        first = finite[0]
+        with self.device.running():
+            images, nsfw = first.family.decode(
+                self._models[first.item.key.model].base, torch.cat([t.latents for t in finite]), self.device.name
+            )
+        tick.finished += [(t.item, ItemOutput(image, flag)) for t, image, flag in zip(finite, images, nsfw)]
+
+    # --- joining ---------------------------------------------------------------------------------------------
+
+    def _admit(self, now: float) -> list[tuple[WorkItem, BaseException]]:
+        """Start every pending item: suspended ones resume; new ones are encoded together where their prompts
+        allow (one text-encoder call per model and guidance mode) and get their own scheduler and latents."""
+        pending, self._pending = self._pending, []
+        failed: list[tuple[WorkItem, BaseException]] = []
+        for key, evicted in list(self._suspended.items()):  # evicted, then cancelled or expired in the queue
+            if evicted.item.future.done():
+                del self._suspended[key]
+                self._release(evicted)
+        fresh: dict[str, list[WorkItem]] = {}
+        for item in pending:
+            resumed = self._suspended.pop(id(item), None)
+            if resumed is not None:
+                resumed.last_tick = now
+                self._sets.setdefault(self.group_of(item.key), []).append(resumed)
+            else:
+                fresh.setdefault(item.key.model, []).append(item)
+        for tag, items in fresh.items():
+            model = self._models[tag]
+            specs = [_spec(item) for item in items]
+            for indices in model.family.encode_groups(specs).values():
+                group_items = [items[i] for i in indices]
+                try:
+                    with self.device.running(synchronize=False):
+                        conditioning = model.family.encode(model.base, [specs[i] for i in indices], self.device.name)
+                except Exception as exc:
+                    failed += [(item, exc) for item in group_items]
+                    continue
+                for item, cond in zip(group_items, conditioning):
+                    try:
+                        with self.device.running(synchronize=False):
+                            track = self._start(model, item, cond, now)
+                    except Exception as exc:
+                        failed.append((item, exc))
+                        continue
+                    self._sets.setdefault(self.group_of(item.key), []).append(track)
+        return failed
+
+    def _start(self, model: _Model, item: WorkItem, conditioning: Conditioning, now: float) -> Track:
+        import torch
+
+        spec = _spec(item)
+        pipe = model.tasks[item.key.signature]
+        scheduler = self._scheduler(model, spec.scheduler)
+        # A CPU generator: a seed gives the same starting noise on every device type.
+        generator = torch.Generator("cpu").manual_seed(item.seed % 2**64)
+        start = model.family.start(pipe, spec, scheduler, generator, self.device.name, conditioning.embeds.dtype)
+        model.family.added_conditioning(pipe, spec, conditioning, start.latents)
+        return Track(
+            item,
+            spec,
+            model.family,
+            pipe,
+            scheduler,
+            generator,
+            conditioning,
+            start.latents,
+            start.timesteps,
+            start.channels,
+            start.blend,
+            joined=item.trace.started or now,
+            last_tick=now,
+        )
+
+    def _scheduler(self, model: _Model, name: str | None) -> Any:
+        """A scheduler instance of its own for an item, reused once its last item has left (`set_timesteps`
+        resets a scheduler, as a pipeline reuses its own between calls)."""
+        key = name or ""
+        free = model.schedulers.setdefault(key, [])
+        if free:
+            return free.pop()
+        own = model.base.scheduler
+        if not name:
+            return type(own).from_config(own.config)
+        import diffusers
+
+        return getattr(diffusers, name).from_config(own.config)
+
+    def _release(self, track: Track) -> None:
+        model = self._models[track.item.key.model]
+        model.schedulers.setdefault(track.spec.scheduler or "", []).append(track.scheduler)
+
+    # --- faults ----------------------------------------------------------------------------------------------
+
+    def _live(
+        self, tracks: list[Track], now: float, failed: list[tuple[WorkItem, BaseException]]
+    ) -> tuple[list[Track], list[tuple[WorkItem, BaseException]]]:
+        """Cancelled items and those past their deadline leave before the tick; their batch-mates go on."""
+        live = []
+        for track in tracks:
+            item = track.item
+            if item.cancel_requested:
+                failed.append((item, ItemCancelledError("cancelled while denoising")))
+            elif item.deadline is not None and now >= item.deadline:
+                failed.append((item, DeadlineExceededError("the deadline passed while denoising")))
+            else:
+                live.append(track)
+                continue
+            self._release(track)
+        return live, failed
+
+    def _isolate(
+        self,
+        group: Hashable,
+        tracks: list[Track],
+        error: Exception,
+        failed: list[tuple[WorkItem, BaseException]],
+        started: float,
+    ) -> Tick:
+        """The shared call failed: run each item's rows alone, so only an item that fails alone fails."""
+        tick = Tick(group, 0, 0.0, failed=failed, active=len(tracks))
+        if len(tracks) == 1:
+            tick.failed.append((tracks[0].item, error))
+            tracks[0].step = len(tracks[0].timesteps)
+        else:
+            for track in tracks:
+                try:
+                    with self.device.running(synchronize=False):
+                        self._advance([track], self._denoise([track]), tick)
+                except Exception as exc:
+                    tick.failed.append((track.item, exc))
+                    track.step = len(track.timesteps)
+        tick.seconds = self.clock() - started
+        self._finish(group, tick)
+        return tick
+
+    def _out_of_memory(
+        self, group: Hashable, tracks: list[Track], rows: int, failed: list[tuple[WorkItem, BaseException]]
+    ) -> Tick:
+        """Out of memory: the newest half of the set goes back to the queue, keeping its latents and scheduler
+        state (it resumes where it was); the executor lowers the set's row budget."""
+        tick = Tick(group, rows, 0.0, failed=failed, out_of_memory=True)
+        if len(tracks) == 1:
+            tick.failed.append((tracks[0].item, OutOfMemoryError("out of device memory even for a single image")))
+            self._release(tracks[0])
+            del self._sets[group]
+            return tick
+        newest = sorted(tracks, key=lambda t: t.joined)[len(tracks) // 2 :]
+        for track in newest:
+            self._suspended[id(track.item)] = track
+            tick.evicted.append(track.item)
+        self._sets[group] = [t for t in tracks if id(t.item) not in self._suspended]
+        return tick
+
+
+def _spec(item: WorkItem) -> StepInputs:
+    spec: StepInputs = item.inputs[STEP_INPUT]
+    return spec
