@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.yaml"
 FORMAT_VERSION = 1
+PIPELINE = "pipeline"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class ModelInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    kind: str = PIPELINE  # "pipeline", or an adapter: "lora", "embedding"
+    adapter: Mapping[str, Any] = field(default_factory=dict)  # adapters: base (model name), weights (file), token
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind != PIPELINE
 
     @property
     def has_custom_code(self) -> bool:
@@ -60,11 +67,13 @@ class ModelInfo:
             "labels": dict(self.labels),
             "metadata": dict(self.metadata),
             "files": {name: dict(entry) for name, entry in self.files.items()},
+            "kind": self.kind,
+            **({"adapter": dict(self.adapter)} if self.is_adapter else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
-        signatures = {name: Signature.from_dict(name, sig) for name, sig in data["signatures"].items()}
+        signatures = {name: Signature.from_dict(name, sig) for name, sig in (data.get("signatures") or {}).items()}
         return cls(
             name=data["name"],
             version=data["version"],
@@ -77,6 +86,8 @@ class ModelInfo:
             labels=data.get("labels") or {},
             metadata=data.get("metadata") or {},
             files=data.get("files") or {},
+            kind=str(data.get("kind", PIPELINE)),
+            adapter=data.get("adapter") or {},
         )
 
 
@@ -129,6 +140,9 @@ class Model:
 
     def pipeline_type(self) -> type:
         """The pipeline class this model loads as (custom code is imported only when trusted)."""
+        if self.info.is_adapter:
+            base = self.info.adapter.get("base")
+            raise StoreError(f"{self.tag} is a {self.info.kind} adapter, not a pipeline: serve its base model {base}")
         from .custom import STORED_NAME as CUSTOM_FILE
         from .custom import load_class, require_trust, source_file, stored_file
 

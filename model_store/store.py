@@ -174,10 +174,29 @@ class ModelStore:
         version: str | None,
         options: Mapping[str, Any],
     ) -> Model:
+        parsed = parse_signatures(signatures, pipeline_cls, tasks)
+        fields = {
+            "pipeline_class": pipeline_cls.__name__,
+            "signatures": parsed,
+            "options": {k: v for k, v in options.items() if v is not None},
+        }
+        return self.write_model(name, version, fill, labels, metadata, fields)
+
+    def write_model(
+        self,
+        name: str,
+        version: str | None,
+        fill: Any,
+        labels: Mapping[str, str] | None,
+        metadata: Mapping[str, Any] | None,
+        fields: Mapping[str, Any],
+    ) -> Model:
+        """Build a model (pipeline or adapter) in staging with `fill`, record its model.yaml with `fields` and every
+        file's sha256, and publish it atomically."""
         import diffusers
         import torch
 
-        parsed = parse_signatures(signatures, pipeline_cls, tasks)
+        validate_part(name, "model name")
         version = validate_part(version, "model version") if version else new_version()
         if version == LATEST:
             raise StoreError("'latest' is reserved and cannot be used as a version")
@@ -192,17 +211,15 @@ class ModelStore:
                 name=name,
                 version=version,
                 created=datetime.now(timezone.utc).isoformat(),
-                pipeline_class=pipeline_cls.__name__,
                 diffusers_version=diffusers.__version__,
                 torch_version=torch.__version__.split("+")[0],
-                signatures=parsed,
-                options={k: v for k, v in options.items() if v is not None},
                 labels=dict(labels or {}),
                 metadata=dict(metadata or {}),
                 files={
                     rel: {"sha256": sha256_file(staging / rel), "size": (staging / rel).stat().st_size}
                     for rel in list_files(staging)
                 },
+                **fields,
             )
             (staging / MODEL_FILE).write_text(yaml.safe_dump(info.to_dict(), sort_keys=False), encoding="utf-8")
             return self.commit_staged(staging, name, version)

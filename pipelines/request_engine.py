@@ -14,17 +14,20 @@ from typing import Any
 from batching import BatchKey, CallOutput, ItemOutput, StepHook, WorkItem, WorkKind
 from model_store import interface
 
+from .adapters import Adapter, ReplicaAdapters
 from .device import Device
 
 SCHEDULER_PARAM = "scheduler"
+ADAPTERS, EMBEDDINGS = "adapters", "embeddings"  # BatchKey.group entries: the LoRAs and embeddings a call uses
 
 
 class RequestEngine:
     """Runs request batches on one device's replicas of the served models (`model_store` runners)."""
 
-    def __init__(self, models: Mapping[str, Any], device: Device) -> None:
+    def __init__(self, models: Mapping[str, Any], device: Device, adapters: Mapping[str, ReplicaAdapters]) -> None:
         self.models = models
         self.device = device
+        self.adapters = adapters
         self._schedulers: dict[tuple[int, str], Any] = {}
 
     def run(self, key: BatchKey, items: Sequence[WorkItem], on_step: StepHook) -> list[Any]:
@@ -32,6 +35,11 @@ class RequestEngine:
 
         signature = self.models[key.model].signatures[key.signature]
         is_call = key.kind is WorkKind.CALL
+        group: dict[str, Any] = dict(key.group)
+        loras: tuple[Adapter, ...] = group.get(ADAPTERS, ())
+        adapters = self.adapters[key.model]
+        adapters.ensure((*loras, *group.get(EMBEDDINGS, ())))
+        adapters.apply(loras)  # every call sets them: the one before may have used others
         kwargs = key.kwargs()
         self._use_scheduler(signature.pipeline, kwargs.pop(SCHEDULER_PARAM, None))
         if key.batchable:

@@ -19,6 +19,7 @@ finished items.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -29,11 +30,13 @@ from batching import BatchKey, ItemCancelledError, ItemOutput, OutOfMemoryError,
 from batching.errors import DeadlineExceededError
 from batching.executor import is_out_of_memory
 
+from .adapters import ReplicaAdapters
 from .device import Device
 from .step_families import Conditioning, Family, StepInputs, family_of, step_kwargs
 
 log = logging.getLogger(__name__)
 STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
+LORAS, PER_ROW = "loras", "per-row"  # BatchKey.group[LORAS]: the LoRA set items share calls by (several), or PER_ROW
 
 
 class NumericalError(ValueError):
@@ -76,13 +79,20 @@ class _Model:
     base: Any  # the loaded pipeline
     family: Family
     tasks: Mapping[str, Any]  # signature name -> the pipeline that performs its task
+    adapters: ReplicaAdapters
     schedulers: dict[str, list[Any]] = field(default_factory=dict)  # free scheduler instances by class name
 
 
 class StepEngine:
     """One worker's step engine over its loaded models (`model_store` runners by tag)."""
 
-    def __init__(self, models: Mapping[str, Any], device: Device, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, Any],
+        device: Device,
+        adapters: Mapping[str, ReplicaAdapters],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.device = device
         self.clock = clock
         self._models: dict[str, _Model] = {}
@@ -90,7 +100,7 @@ class StepEngine:
             family = family_of(type(runner.pipeline))
             if family is not None:
                 tasks = {name: sig.pipeline for name, sig in runner.signatures.items()}
-                self._models[tag] = _Model(runner.pipeline, family, tasks)
+                self._models[tag] = _Model(runner.pipeline, family, tasks, adapters[tag])
         self._sets: dict[Hashable, list[Track]] = {}
         self._pending: list[WorkItem] = []
         self._suspended: dict[int, Track] = {}  # evicted after an out-of-memory, by id(item)
@@ -103,8 +113,10 @@ class StepEngine:
 
     @staticmethod
     def group_of(key: BatchKey) -> Hashable:
-        """Items of a model and latent shape share UNet calls, whatever their task or parameters."""
-        return (key.model, dict(key.group).get("size"))
+        """Items of a model and latent shape share UNet calls, whatever their task or parameters, and whatever
+        single LoRA each uses (per row); items using several LoRAs share calls only with the same several."""
+        group = dict(key.group)
+        return (key.model, group.get("size"), group.get(LORAS, PER_ROW))
 
     def load(self, key: BatchKey) -> tuple[Hashable, int, int]:
         group = self.group_of(key)
@@ -178,14 +190,22 @@ class StepEngine:
             embeds.append(track.conditioning.embeds)
             for name, rows in track.conditioning.added.items():
                 added[name].append(rows)
-        unet = tracks[0].pipe.unet
-        return unet(
-            torch.cat(inputs),
-            torch.cat(times),
-            encoder_hidden_states=torch.cat(embeds),
-            added_cond_kwargs={name: torch.cat(rows) for name, rows in added.items()} or None,
-            return_dict=False,
-        )[0]
+        adapters = self._models[tracks[0].item.key.model].adapters
+        several = tracks[0].spec.loras if len(tracks[0].spec.loras) > 1 else ()
+        if several:  # everyone in this set uses the same several LoRAs: set them on the UNet
+            adapters.apply_to_unet(several)
+            applied: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:  # one LoRA (or none) per item: each row its own, in one call
+            per_row = [t.spec.loras[0] if t.spec.loras else None for t in tracks for _ in range(t.rows)]
+            applied = adapters.per_row(per_row)
+        with applied:
+            return tracks[0].pipe.unet(
+                torch.cat(inputs),
+                torch.cat(times),
+                encoder_hidden_states=torch.cat(embeds),
+                added_cond_kwargs={name: torch.cat(rows) for name, rows in added.items()} or None,
+                return_dict=False,
+            )[0]
 
     def _advance(self, tracks: Sequence[Track], noise: Any, tick: Tick) -> None:
         """Each item's own guidance combine and scheduler step, as its pipeline's loop does them."""
@@ -281,10 +301,15 @@ class StepEngine:
         for tag, items in fresh.items():
             model = self._models[tag]
             specs = [_spec(item) for item in items]
-            for indices in model.family.encode_groups(specs).values():
+            for indices in _encode_groups(model.family, specs):
                 group_items = [items[i] for i in indices]
                 try:
                     with self.device.running(synchronize=False):
+                        loras = specs[indices[0]].loras  # the text encoders' LoRAs too, as a direct call sets them
+                        model.adapters.ensure(
+                            adapter for i in indices for adapter in (*specs[i].loras, *specs[i].embeddings)
+                        )
+                        model.adapters.apply(loras)
                         conditioning = model.family.encode(model.base, [specs[i] for i in indices], self.device.name)
                 except Exception as exc:
                     failed += [(item, exc) for item in group_items]
@@ -404,6 +429,15 @@ class StepEngine:
             tick.evicted.append(track.item)
         self._sets[group] = [t for t in tracks if id(t.item) not in self._suspended]
         return tick
+
+
+def _encode_groups(family: Family, specs: Sequence[StepInputs]) -> list[list[int]]:
+    """Items whose prompts one text-encoder call can encode: the family's groups, split by LoRA set."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for key, indices in family.encode_groups(specs).items():
+        for index in indices:
+            groups.setdefault((key, specs[index].loras), []).append(index)
+    return list(groups.values())
 
 
 def _spec(item: WorkItem) -> StepInputs:

@@ -22,6 +22,8 @@ from typing import Any
 
 from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG
 
+from .adapters import Adapter
+
 SD_CLASSES = {
     "StableDiffusionPipeline": TEXT2IMG,
     "StableDiffusionImg2ImgPipeline": IMG2IMG,
@@ -58,6 +60,8 @@ class StepInputs:
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
     guidance_rescale: float = 0.0
+    loras: tuple[Adapter, ...] = ()  # LoRAs at their weights
+    embeddings: tuple[Adapter, ...] = ()  # embeddings whose tokens the prompts use
 
     @property
     def cfg(self) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from batching import BatchKey, StepHook, Tick, WorkItem, WorkKind
 
+from .adapters import Adapter, ReplicaAdapters
 from .device import Device
 from .request_engine import RequestEngine
 from .step_engine import StepEngine
@@ -22,11 +23,21 @@ WarmupWork = Callable[[], Sequence[Sequence[WorkItem]]]
 class PipelineWorker:
     """The backend of one worker, over loaded diffusers pipelines (`model_store` runners by tag)."""
 
-    def __init__(self, models: Mapping[str, Any], device: str, warmup_work: WarmupWork | None = None) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, Any],
+        device: str,
+        warmup_work: WarmupWork | None = None,
+        adapters: Mapping[str, Sequence[Adapter]] | None = None,
+    ) -> None:
+        """`adapters` are loaded into each model's replica now and stay loaded; others load when first used."""
         self.device = Device(device)
         self.models = models
-        self.request = RequestEngine(models, self.device)
-        self.step = StepEngine(models, self.device)
+        self.adapters = {tag: ReplicaAdapters(runner.pipeline) for tag, runner in models.items()}
+        for tag, known in (adapters or {}).items():
+            self.adapters[tag].ensure(known)
+        self.request = RequestEngine(models, self.device, self.adapters)
+        self.step = StepEngine(models, self.device, self.adapters)
         self._warmup_work = warmup_work
 
     def warmup(self) -> None:

@@ -48,6 +48,7 @@ class ServerConfig:
     trust_remote_code: bool = False  # run the custom pipeline code a served model ships (the operator's call)
     dtype: str = "auto"  # auto, float32, float16 or bfloat16
     batching: str = "auto"  # auto, step or request
+    adapters: tuple[str, ...] | None = None  # adapters to serve; None: every adapter of a served model
     compile: bool = False  # torch.compile the denoisers (CUDA only)
     max_image_size: int = 2048
     max_steps: int = 150

@@ -95,6 +95,7 @@ def params(message: pb.GenerationParams) -> Params:
         control_scales=tuple(message.control_scales),
         control_guidance_start=given("control_guidance_start"),
         control_guidance_end=given("control_guidance_end"),
+        adapters=tuple((adapter.name, adapter.weight) for adapter in message.adapters),
     )
 
 
@@ -216,6 +217,7 @@ def model_info(served: ServedModel) -> pb.ModelInfo:
         dtype=served.dtype,
         control_inputs=served.control_inputs,
         load_options=model.effective_options().shown(),
+        adapters=served.adapters.names(),
     )
 
 

@@ -46,6 +46,7 @@ class Params:
     control_scales: tuple[float, ...] = ()
     control_guidance_start: float | None = None
     control_guidance_end: float | None = None
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA (name, weight) pairs, as sent
 
 
 @dataclass(frozen=True)

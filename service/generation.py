@@ -12,7 +12,9 @@ from typing import Any
 
 from batching import BatchKey, Frozen, ProgressCallback, WorkItem, WorkKind
 from model_store import Signature
-from pipelines.step_engine import STEP_INPUT
+from pipelines.adapters import Adapter
+from pipelines.request_engine import ADAPTERS, EMBEDDINGS
+from pipelines.step_engine import LORAS, STEP_INPUT
 from pipelines.step_families import StepInputs
 
 from .registry import ServedModel
@@ -54,6 +56,8 @@ class Generation:
     control_scales: tuple[float, ...] = ()
     control_guidance_start: float | None = None
     control_guidance_end: float | None = None
+    loras: tuple[Adapter, ...] = ()  # at their weights, sorted by name
+    embeddings: tuple[Adapter, ...] = ()  # whose tokens the prompts use
 
     def seeds(self) -> list[int]:
         """Image i uses seed + i (mod 2**64), so each image is reproducible alone."""
@@ -98,6 +102,10 @@ class Generation:
         group: dict[str, Hashable] = {"inputs": tuple(sorted(self.item_inputs()))}
         if self.image is not None:
             group["input_size"] = self.image.size
+        if self.loras:  # one call applies one adapter set
+            group[ADAPTERS] = self.loras
+        if self.embeddings:
+            group[EMBEDDINGS] = self.embeddings
         sig = self.signature
         return BatchKey.build(
             self.served.tag,
@@ -140,10 +148,12 @@ class Generation:
         ]
 
     def step_key(self) -> BatchKey:
-        """For the step engine, everything is per item: only the model and the latent shape group items."""
-        return BatchKey.build(
-            self.served.tag, self.signature.name, {}, kind=WorkKind.STEP, group={"size": (self.height, self.width)}
-        )
+        """For the step engine, everything is per item: the model, the latent shape and (for several LoRAs at
+        once) the adapter set group items."""
+        group: dict[str, Hashable] = {"size": (self.height, self.width)}
+        if len(self.loras) > 1:
+            group[LORAS] = self.loras
+        return BatchKey.build(self.served.tag, self.signature.name, {}, kind=WorkKind.STEP, group=group)
 
     def step_inputs(self) -> StepInputs:
         return StepInputs(
@@ -166,6 +176,8 @@ class Generation:
             target_size=self.target_size,
             aesthetic_score=self.aesthetic_score,
             negative_aesthetic_score=self.negative_aesthetic_score,
+            loras=self.loras,
+            embeddings=self.embeddings,
         )
 
     def describe(self, seed: int) -> Mapping[str, str]:

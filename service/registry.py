@@ -10,14 +10,38 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_store import Model, Signature, Tag, interface
+from model_store import Model, ModelNotFoundError, ModelStore, Signature, Tag, interface
 from model_store.defaults import PipelineDefaults, compatible_schedulers, read_pipeline_defaults
 from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG, Parameters
+from pipelines.adapters import EMBEDDING, Adapter
 
 from .errors import NotFound, Unimplemented
 
 log = logging.getLogger(__name__)
 _RPC_OF_TASK = {TEXT2IMG: "TextToImage", IMG2IMG: "ImageToImage", INPAINT: "Inpaint"}
+
+
+class AdapterCatalog:
+    """The adapters a served model may use, by name. Replaced whole when the store changes (the swap of one
+    dict is atomic, so request threads read it without a lock)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Adapter] = {}
+
+    def replace(self, adapters: Mapping[str, Adapter]) -> None:
+        self._by_name = dict(adapters)
+
+    def get(self, name: str) -> Adapter | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def all(self) -> list[Adapter]:
+        return list(self._by_name.values())
+
+    def embeddings(self) -> list[Adapter]:
+        return [a for a in self._by_name.values() if a.kind == EMBEDDING]
 
 
 @dataclass(frozen=True)
@@ -26,6 +50,7 @@ class ServedModel:
     defaults: PipelineDefaults
     parameters: Mapping[str, Parameters | None] = field(default_factory=dict, compare=False, repr=False)
     engines: Mapping[str, str] = field(default_factory=dict, compare=False)  # signature -> "step" or "request"
+    adapters: AdapterCatalog = field(default_factory=AdapterCatalog, compare=False, repr=False)
     tokenizer: Any = field(default=None, compare=False, repr=False)
     # Fast tokenizers fail with "Already borrowed" when two threads use one at once (validation runs on a pool).
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
@@ -46,7 +71,7 @@ class ServedModel:
         if scheduler is not None:  # the load options replace the stored scheduler
             name = scheduler if isinstance(scheduler, str) else scheduler.__name__
             defaults = dataclasses.replace(defaults, scheduler=name, compatible_schedulers=compatible_schedulers(name))
-        return cls(model, defaults, parameters, engines, _load_tokenizer(model))
+        return cls(model, defaults, parameters, engines, tokenizer=_load_tokenizer(model))
 
     @property
     def tag(self) -> str:
@@ -166,6 +191,35 @@ class ModelRegistry:
         if not served:
             raise ValueError("a registry needs at least one model")
         self.models = list(served)
+        self.other_bases: dict[str, str] = {}  # adapters stored for models not served here: name -> base
+
+    def refresh_adapters(self, store: ModelStore, only: Sequence[str] | None = None) -> None:
+        """Read the store's adapters: each served model gets those of its name (or of `only`), so one added
+        while the server runs becomes usable at the next refresh."""
+        from model_store.adapters import weights_path
+
+        served_names = {served.model.name for served in self.models}
+        by_base: dict[str, dict[str, Adapter]] = {name: {} for name in served_names}
+        others = {}
+        for model in store.list_models():  # oldest first: the newest version of a name wins
+            if not model.info.is_adapter or (only is not None and model.name not in only):
+                continue
+            base = str(model.info.adapter.get("base", ""))
+            if base not in served_names:
+                others[model.name] = base
+                continue
+            token = model.info.adapter.get("token")
+            by_base[base][model.name] = Adapter(model.name, model.info.kind, str(weights_path(model)), token=token)
+        for served in self.models:
+            served.adapters.replace(by_base[served.model.name])
+        self.other_bases = others
+        missing = sorted(set(only or ()) - {name for names in by_base.values() for name in names})
+        if missing:
+            where = {name: others.get(name) for name in missing}
+            said = ", ".join(
+                f"{name} (base {base})" if base else f"{name} (not in the store)" for name, base in where.items()
+            )
+            raise ModelNotFoundError(f"--adapters names adapters no served model has: {said}")
 
     @property
     def default(self) -> ServedModel:

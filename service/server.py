@@ -32,6 +32,7 @@ from .validation import Limits
 from .workers import Factory, backend_factory, build_executor, resolve_devices
 
 log = logging.getLogger(__name__)
+ADAPTER_REFRESH_SECONDS = 5.0  # an adapter added to the store is usable within this, plus one store listing
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name  # "diffusion.v1.DiffusionService"
 LIVENESS = ""
 
@@ -70,6 +71,7 @@ class DiffusionServer:
                 f"--compile needs CUDA devices (it pays only there); serving on {', '.join(self.devices)}"
             )
         self.registry = ModelRegistry([self._served(tag) for tag in config.tags])
+        self.registry.refresh_adapters(self.store, config.adapters)
         self.executor = build_executor(config, self.registry, self.devices, self._on_batch, factory)
         self.executor.on_unhealthy = self._on_worker_death
         self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
@@ -83,6 +85,7 @@ class DiffusionServer:
         self._metrics_http: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._stopped = False
 
     def _served(self, tag: str) -> ServedModel:
@@ -144,9 +147,20 @@ class DiffusionServer:
         self.executor.start()
         await asyncio.to_thread(self.executor.wait_ready)
         self.servicer.accepting = True
+        if self.config.adapters is None:  # every adapter of a served model: pick up new ones while serving
+            self._refreshing = asyncio.create_task(self._refresh_adapters())
         self.metrics.models_loaded.set(len(self.registry.models))
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s", ", ".join(m.tag for m in self.registry.models))
+
+    async def _refresh_adapters(self) -> None:
+        """Re-read the store's adapters every ADAPTER_REFRESH_SECONDS; workers load a new one when first used."""
+        while True:
+            await asyncio.sleep(ADAPTER_REFRESH_SECONDS)
+            try:
+                await asyncio.to_thread(self.registry.refresh_adapters, self.store, None)
+            except Exception:  # a store being written to, say: keep the adapters known so far, try again
+                log.warning("could not refresh the adapters from the store", exc_info=True)
 
     def _on_worker_death(self) -> None:
         """Called from a dying worker thread: readiness goes NOT_SERVING so traffic moves elsewhere."""
@@ -174,6 +188,8 @@ class DiffusionServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         # Health keeps answering while we drain (gRPC's own stop would refuse every new RPC, probes included):
         # new calls get UNAVAILABLE from the servicer, the executor finishes what is queued and running within
         # `grace` and then fails the rest with UNAVAILABLE, and we wait for the handlers to send their answers.

@@ -7,14 +7,17 @@ the parameter defaults of the signature's pipeline (`ServedModel.default`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from model_store.interface import IMG2IMG, INPAINT
+from pipelines.adapters import LORA, Adapter
 
 from . import imaging
 from .config import ServerConfig
@@ -75,6 +78,10 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
     fields.update(_second_texts(request, served, signature.name, bad))
     fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
     fields.update(_control(request, served, limits, fields, bad))
+    fields["loras"] = _loras(request.params.adapters, served, registry, bad)
+    fields["embeddings"] = _embeddings(
+        served, request.prompt, request.negative_prompt, request.prompt_2, request.negative_prompt_2
+    )
     bad.raise_if_any()
     return Generation(
         served=served,
@@ -288,6 +295,55 @@ def _control(
         "control_scales": tuple(scales),
         **{k: v for k, v in window.items() if v is not None},
     }
+
+
+MAX_ADAPTER_WEIGHT = 10.0
+
+
+def _loras(
+    requested: Sequence[tuple[str, float]], served: ServedModel, registry: ModelRegistry, bad: Violations
+) -> tuple[Adapter, ...]:
+    """The LoRAs a request names, each at its weight: known to this model, finite, in range, once each."""
+    loras = []
+    seen: set[str] = set()
+    for index, (name, weight) in enumerate(requested):
+        field = f"params.adapters[{index}]"
+        adapter = served.adapters.get(name)
+        if name in seen:
+            bad.add(f"{field}.name", f"{_shown(name)} is named twice")
+        elif adapter is None and name in registry.other_bases:
+            bad.add(
+                f"{field}.name",
+                f"{_shown(name)} is an adapter for {registry.other_bases[name]}, not {served.model.name}",
+            )
+        elif adapter is None:
+            known = ", ".join(a.name for a in served.adapters.all() if a.kind == LORA) or "none"
+            bad.add(f"{field}.name", f"{_shown(name)} is not an adapter of {served.model.name}; its adapters: {known}")
+        elif adapter.kind != LORA:
+            bad.add(f"{field}.name", f"{name} is an embedding: use its token {adapter.token} in the prompt")
+        if not (math.isfinite(weight) and -MAX_ADAPTER_WEIGHT <= weight <= MAX_ADAPTER_WEIGHT):
+            bad.add(
+                f"{field}.weight",
+                f"must be a finite number in [-{MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}], got {weight}",
+            )
+        seen.add(name)
+        if adapter is not None and adapter.kind == LORA:
+            loras.append(dataclasses.replace(adapter, weight=float(weight)))
+    # One order for one set: items naming the same adapters batch together whatever order they listed them in.
+    return tuple(sorted(loras, key=lambda a: a.name))
+
+
+def _embeddings(served: ServedModel, *texts: str | None) -> tuple[Adapter, ...]:
+    """The embeddings whose tokens the prompts use: the worker makes sure they are loaded."""
+    joined = " ".join(text for text in texts if text)
+    return tuple(
+        sorted((a for a in served.adapters.embeddings() if a.token and a.token in joined), key=lambda a: a.name)
+    )
+
+
+def _shown(name: str, limit: int = 64) -> str:
+    """A client's string, quoted and cut, for a message: never echoed in full."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
 def _mime_type(output_format: str, field: str, bad: Violations) -> str:

@@ -91,7 +91,8 @@ def backend_factory(served: Sequence[ServedModel], device: str, warmup: WarmupWo
             log.info("loading %s on %s", model.tag, device)
             with _LOAD_LOCK:
                 models[model.tag] = model.model.to_runner(device)
-        return PipelineWorker(models, device, warmup)
+        adapters = {model.tag: model.adapters.all() for model in served}  # loaded now, kept loaded
+        return PipelineWorker(models, device, warmup, adapters)
 
     return build
 

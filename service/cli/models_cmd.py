@@ -67,6 +67,23 @@ def register(commands: Any) -> None:
     importer.add_argument("--json", action="store_true", help="machine-readable output")
     importer.set_defaults(run=import_model)
 
+    lora = sub.add_parser("import-lora", help="store LoRA weights for a base model (chosen per request)")
+    lora.add_argument("name")
+    lora.add_argument("source", help="a .safetensors file, a folder holding one, or a hub id (offline-first)")
+    lora.add_argument("--base", required=True, help="the name of the stored model it fits")
+    lora.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
+    lora.add_argument("--version", help="pin the version instead of generating one")
+    lora.set_defaults(run=import_lora)
+
+    embedding = sub.add_parser("import-embedding", help="store a textual-inversion embedding for a base model")
+    embedding.add_argument("name")
+    embedding.add_argument("source", help="a .safetensors file, a folder holding one, or a hub id (offline-first)")
+    embedding.add_argument("--base", required=True, help="the name of the stored model it fits")
+    embedding.add_argument("--token", required=True, help="the token prompts use it by, such as <my-style>")
+    embedding.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
+    embedding.add_argument("--version", help="pin the version instead of generating one")
+    embedding.set_defaults(run=import_embedding)
+
     exporter = sub.add_parser("export", help="write a model as a .tar.gz archive (a path or s3://bucket/key)")
     exporter.add_argument("tag")
     exporter.add_argument("dest")
@@ -109,10 +126,11 @@ def list_models(args: argparse.Namespace) -> int:
     if not models:
         print("no models; try: diffusers-grpc models create-demo")
         return 0
-    print(f"{'TAG':<48} {'PIPELINE':<32} {'SIGNATURES':<32} CREATED")
+    print(f"{'TAG':<48} {'KIND':<10} {'PIPELINE / BASE':<32} {'SIGNATURES / TOKEN':<32} CREATED")
     for m in models:
-        signatures = ",".join(m.signatures)
-        print(f"{m.tag:<48} {m.info.pipeline_class:<32} {signatures:<32} {m.info.created[:19]}")
+        what = m.info.adapter.get("base", "") if m.info.is_adapter else m.info.pipeline_class
+        uses = m.info.adapter.get("token", "") if m.info.is_adapter else ",".join(m.signatures)
+        print(f"{m.tag:<48} {m.info.kind:<10} {what:<32} {uses:<32} {m.info.created[:19]}")
     return 0
 
 
@@ -121,7 +139,11 @@ def get_model(args: argparse.Namespace) -> int:
     if args.json:
         print_json(model.info.to_dict() | {"tag": model.tag, "path": str(model.path)})
         return 0
-    print(f"tag:       {model.tag}\npath:      {model.path}\npipeline:  {model.info.pipeline_class}")
+    print(f"tag:       {model.tag}\npath:      {model.path}\nkind:      {model.info.kind}")
+    if model.info.is_adapter:
+        print("\n".join(f"{key + ':':<10} {value}" for key, value in model.info.adapter.items()))
+    else:
+        print(f"pipeline:  {model.info.pipeline_class}")
     print(f"created:   {model.info.created}")
     for sig in model.signatures.values():
         print(f"signature: {sig.name} (task {sig.task}, batchable {sig.batchable}, batch_dim {sig.batch_dim})")
@@ -158,6 +180,36 @@ def import_model(args: argparse.Namespace) -> int:
         print_json(_summary(model))
     else:
         print(f"imported {model.tag}")
+    return 0
+
+
+def import_lora(args: argparse.Namespace) -> int:
+    from model_store.adapters import import_lora as load
+
+    model = _store_call(
+        lambda: load(
+            ModelStore(), args.name, args.source, args.base, allow_pickle=args.allow_pickle, version=args.version
+        )
+    )
+    print(f"imported {model.tag} (lora for {args.base})")
+    return 0
+
+
+def import_embedding(args: argparse.Namespace) -> int:
+    from model_store.adapters import import_embedding as load
+
+    model = _store_call(
+        lambda: load(
+            ModelStore(),
+            args.name,
+            args.source,
+            args.base,
+            args.token,
+            allow_pickle=args.allow_pickle,
+            version=args.version,
+        )
+    )
+    print(f"imported {model.tag} (embedding {args.token} for {args.base})")
     return 0
 
 
@@ -223,6 +275,7 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 def _summary(model: Model) -> dict[str, Any]:
     return {
         "tag": model.tag,
+        "kind": model.info.kind,
         "pipeline_class": model.info.pipeline_class,
         "created": model.info.created,
         "signatures": {name: sig.to_dict() for name, sig in model.signatures.items()},

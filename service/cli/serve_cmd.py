@@ -9,6 +9,11 @@ from typing import Any
 from ..config import ConfigError, env_name, from_sources
 from .common import CliError
 
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 # (flag, config field, type, help). Defaults live in ServerConfig; the help shows the variable.
 FLAGS: list[tuple[str, str, Any, str]] = [
     ("--host", "host", str, "TCP address to bind (default [::])"),
@@ -48,6 +53,13 @@ FLAGS: list[tuple[str, str, Any, str]] = [
         str,
         "auto, step or request (default auto: step-level batching for the batchable signatures of the models it "
         "supports, request batching elsewhere; step: for every signature it supports)",
+    ),
+    (
+        "--adapters",
+        "adapters",
+        _names,
+        "adapters to serve, by name (NAME,NAME...); default: every LoRA and embedding stored for a served model, "
+        "and those added while it runs",
     ),
     (
         "--dtype",

@@ -12,6 +12,7 @@ from PIL import Image
 from batching import BatchKey, Executor, WorkItem, WorkKind
 from model_store import ModelStore
 from model_store.tiny_families import build_tiny_sd_inpainting, build_tiny_sdxl
+from pipelines.adapters import ReplicaAdapters
 from pipelines.device import Device
 from pipelines.step_engine import STEP_INPUT, NumericalError, StepEngine
 from pipelines.step_families import StepInputs
@@ -41,6 +42,10 @@ def home(tmp_path_factory, store):
 
 def runners(home: ModelStore, dtype: str) -> dict:
     return {m.tag: m.with_options(torch_dtype=dtype).to_runner("cpu") for m in home.list_models()}
+
+
+def engine_of(loaded: dict) -> StepEngine:
+    return StepEngine(loaded, Device("cpu"), {tag: ReplicaAdapters(r.pipeline) for tag, r in loaded.items()})
 
 
 def item(tag: str, signature: str, spec: StepInputs, seed: int) -> WorkItem:
@@ -173,7 +178,7 @@ def run_engine(engine: StepEngine, items: list[WorkItem]) -> dict[int, object]:
 
 def test_in_float64_the_engine_is_bit_identical_to_each_solo_pipe_call(home):
     loaded = runners(home, "float64")
-    engine = StepEngine(loaded, Device("cpu"))
+    engine = engine_of(loaded)
     work = mixed_work(home)
     items = [item(tag, signature, spec, seed) for tag, signature, spec, seed in work]
     results = run_engine(engine, items)
@@ -185,7 +190,7 @@ def test_in_float64_the_engine_is_bit_identical_to_each_solo_pipe_call(home):
 
 def test_in_float32_each_image_is_within_one_level_of_its_solo_call(home):
     loaded = runners(home, "float32")
-    engine = StepEngine(loaded, Device("cpu"))
+    engine = engine_of(loaded)
     work = mixed_work(home)
     items = [item(tag, signature, spec, seed) for tag, signature, spec, seed in work]
     results = run_engine(engine, items)
@@ -196,7 +201,7 @@ def test_in_float32_each_image_is_within_one_level_of_its_solo_call(home):
 
 def test_a_failing_item_fails_alone_and_its_batch_mates_are_untouched(home):
     loaded = runners(home, "float32")
-    engine = StepEngine(loaded, Device("cpu"))
+    engine = engine_of(loaded)
     tag = home.get("sd").tag
     specs = [StepInputs("text2img", prompt, 4, 7.5, 64, 64) for prompt in ("a fox", "poison", "a hut")]
     items = [item(tag, "__call__", spec, 30 + i) for i, spec in enumerate(specs)]
@@ -221,7 +226,7 @@ def test_a_failing_item_fails_alone_and_its_batch_mates_are_untouched(home):
 
 
 def test_an_item_whose_latents_become_non_finite_fails_alone(home):
-    engine = StepEngine(runners(home, "float32"), Device("cpu"))
+    engine = engine_of(runners(home, "float32"))
     tag = home.get("sd").tag
     huge = item(tag, "__call__", StepInputs("text2img", "x", 3, 3.0e38, 64, 64), 1)  # guidance overflows float32
     fine = item(tag, "__call__", StepInputs("text2img", "x", 3, 7.5, 64, 64), 2)
@@ -270,7 +275,7 @@ def test_out_of_memory_evicts_the_newest_items_which_resume_where_they_were(home
     outputs = [queued.future.result(120) for queued in items]
     executor.shutdown(10)
     assert attempts[0] == 8 and 8 not in attempts[1:]  # evicted once, never again at that size (budget lowered)
-    assert executor.policy.row_budget((tag, (64, 64)), executor._clock()) == 4
+    assert executor.policy.row_budget(StepEngine.group_of(items[0].key), executor._clock()) == 4
     for index, output in enumerate(outputs):
         expected = np.asarray(solo(loaded[tag], "__call__", specs[index], 50 + index), dtype=np.int16)
         assert np.abs(np.asarray(output.image, dtype=np.int16) - expected).max() <= 1

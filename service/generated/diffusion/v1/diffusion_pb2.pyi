@@ -109,6 +109,7 @@ class GenerationParams(_message.Message):
     CONTROL_SCALES_FIELD_NUMBER: _builtins.int
     CONTROL_GUIDANCE_START_FIELD_NUMBER: _builtins.int
     CONTROL_GUIDANCE_END_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """Denoising steps, 1 up to the server's maximum."""
     guidance_scale: _builtins.float
@@ -145,6 +146,10 @@ class GenerationParams(_message.Message):
     def control_scales(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """ControlNet conditioning scales, one per ControlNet (`controlnet_conditioning_scale`); empty means 1.0 each."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]:
+        """LoRA adapters to apply, by name (ModelInfo.adapters), each at its weight; none means the base model."""
+
     def __init__(
         self,
         *,
@@ -164,10 +169,11 @@ class GenerationParams(_message.Message):
         control_scales: _abc.Iterable[_builtins.float] | None = ...,
         control_guidance_start: _builtins.float | None = ...,
         control_guidance_end: _builtins.float | None = ...,
+        adapters: _abc.Iterable[Global___Adapter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "adapters", b"adapters", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__aesthetic_score: _TypeAlias = _typing.Literal["aesthetic_score"]  # noqa: Y015
     _WhichOneofArgType__aesthetic_score: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score"]  # noqa: Y015
@@ -215,6 +221,32 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
+
+@_typing.final
+class Adapter(_message.Message):
+    """A LoRA adapter stored for the model, applied at a weight. Embeddings are used through their token instead."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The adapter's name in the model store."""
+    weight: _builtins.float
+    """How strongly it applies, in [-10, 10]; 0 gives the base model's image."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Adapter: _TypeAlias = Adapter  # noqa: Y015
 
 @_typing.final
 class SizeConditioning(_message.Message):
@@ -982,6 +1014,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     CONTROL_INPUTS_FIELD_NUMBER: _builtins.int
     LOAD_OPTIONS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Full tag, `name:version`."""
     pipeline_class: _builtins.str
@@ -1012,6 +1045,10 @@ class ModelInfo(_message.Message):
     def load_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The load options in effect (torch_dtype, scheduler, attention_slicing, cpu_offload, compile, ...)."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The adapters requests may use: LoRAs by name in GenerationParams.adapters, embeddings by their token."""
+
     def __init__(
         self,
         *,
@@ -1026,10 +1063,11 @@ class ModelInfo(_message.Message):
         dtype: _builtins.str = ...,
         control_inputs: _builtins.int = ...,
         load_options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        adapters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_inputs", b"control_inputs", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "control_inputs", b"control_inputs", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,139 @@
+"""Adapters on a worker's replica: which LoRAs and embeddings are loaded, and how a call applies them.
+
+- A whole pipeline call (request batching) and prompt encoding apply LoRAs diffusers' own way, as a direct call
+  does: `set_adapters(names, weights)`, or `disable_lora()` for none.
+- A step-engine UNet call whose rows use different LoRAs (one each, or none) goes through PEFT's mixed-batch
+  path: every LoRA layer gets the rows' `adapter_names` (PEFT's own forward argument, injected by a pre-hook),
+  and each adapter's `lora_B` output is scaled per row by that row's weight. Rows without a LoRA are `__base__`.
+  For that, the UNet's own adapter weights are kept at 1.0 (restored lazily after a `set_adapters` call).
+
+Loaded adapters stay loaded: switching costs no reload. Embeddings change the tokenizer only by adding their
+tokens, so prompts without those tokens are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LORA, EMBEDDING = "lora", "embedding"
+BASE_ROW = "__base__"  # PEFT's name for a row that uses no adapter
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter a request uses: LoRA weights at a weight, or an embedding (used through its token)."""
+
+    name: str
+    kind: str
+    path: str
+    weight: float = 1.0
+    token: str | None = None
+
+
+class ReplicaAdapters:
+    """The adapters loaded into one replica of a model. Used only from its worker's thread."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+        self.loras: set[str] = set()
+        self.embeddings: set[str] = set()
+        self._unet_weights_dirty = False  # the UNet's adapter weights were set per call: not all 1.0
+        self._rows: tuple[list[str], dict[str, Any]] | None = None  # the mixed call in progress
+        self._hooked: set[int] = set()
+
+    def ensure(self, adapters: Iterable[Adapter]) -> None:
+        """Load whatever of these is not loaded yet (an adapter added to the store while serving)."""
+        from model_store.adapters import load_embedding
+
+        for adapter in adapters:
+            if adapter.kind == LORA and adapter.name not in self.loras:
+                self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
+                self.loras.add(adapter.name)
+                self._unet_weights_dirty = True
+                self._hook_new_layers()
+            elif adapter.kind == EMBEDDING and adapter.name not in self.embeddings:
+                load_embedding(self.pipeline, Path(adapter.path), adapter.token or "")
+                self.embeddings.add(adapter.name)
+
+    def apply(self, loras: Sequence[Adapter]) -> None:
+        """Set the LoRAs of a whole pipeline call or of prompt encoding, as a direct call would."""
+        if not self.loras:
+            return
+        if loras:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters([a.name for a in loras], adapter_weights=[a.weight for a in loras])
+        else:
+            self.pipeline.disable_lora()
+        self._unet_weights_dirty = True
+
+    def apply_to_unet(self, loras: Sequence[Adapter]) -> None:
+        """Set several LoRAs for a whole UNet call (a step set whose items share the same several adapters)."""
+        if not self.loras:
+            return
+        unet = self.pipeline.unet
+        unet.enable_adapters()
+        unet.set_adapters([a.name for a in loras], weights=[a.weight for a in loras])
+        self._unet_weights_dirty = True
+
+    @contextlib.contextmanager
+    def per_row(self, rows: Sequence[Adapter | None]) -> Iterator[None]:
+        """A UNet call in which row i uses `rows[i]` (one LoRA at its weight, or none)."""
+        if not self.loras:
+            yield
+            return
+        import torch
+
+        unet = self.pipeline.unet
+        if self._unet_weights_dirty:
+            unet.enable_adapters()
+            names = sorted(self.loras)
+            unet.set_adapters(names, weights=[1.0] * len(names))
+            self._unet_weights_dirty = False
+        row_names = [adapter.name if adapter is not None else BASE_ROW for adapter in rows]
+        weights: dict[str, list[float]] = {}
+        for adapter in rows:
+            if adapter is not None:
+                weights.setdefault(adapter.name, []).append(adapter.weight)
+        # Built in float64 and cast by the hook, so a weight such as 0.3 rounds once, as a scaling factor does.
+        by_name = {name: torch.tensor(values, dtype=torch.float64) for name, values in weights.items()}
+        self._rows = (row_names, by_name)
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def _hook_new_layers(self) -> None:
+        """Give every LoRA layer (new ones appear as adapters load) the hooks of the mixed-batch path."""
+        from peft.tuners.lora import LoraLayer
+
+        for found in self.pipeline.unet.modules():
+            if not isinstance(found, LoraLayer):
+                continue
+            module: Any = found  # a torch module that is also PEFT's LoraLayer
+            if id(module) not in self._hooked:
+                module.register_forward_pre_hook(self._inject_names, with_kwargs=True)
+                self._hooked.add(id(module))
+            for name, lora_b in module.lora_B.items():
+                if id(lora_b) not in self._hooked:
+                    lora_b.register_forward_hook(functools.partial(self._scale_rows, name))
+                    self._hooked.add(id(lora_b))
+
+    def _inject_names(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if self._rows is not None:
+            kwargs["adapter_names"] = self._rows[0]
+        return args, kwargs
+
+    def _scale_rows(self, name: str, module: Any, args: Any, output: Any) -> Any:
+        """PEFT runs `lora_B` on the rows using this adapter, in row order: scale each by its row's weight."""
+        if self._rows is None:
+            return output
+        weights = self._rows[1].get(name)
+        if weights is None:
+            return output
+        shape = (-1,) + (1,) * (output.dim() - 1)
+        return output * weights.to(device=output.device, dtype=output.dtype).view(shape)
