@@ -1,10 +1,18 @@
-"""`make bench`: the tiny f8 model (64x64, 8 steps) measured in ONE run, so ratios are comparable.
+"""`make bench`: one run on one model, so every ratio compares numbers taken side by side.
 
-(a) the direct in-process pipeline call at batch 1 and batch 8, PNG encode included (the floor);
-(b) the server at concurrency 1;
-(c) the server at concurrency 4, 16 and 64, with batching on (--max-batch-size 8) and off (--max-batch-size 1);
-plus the server's RSS over many requests after warm-up. Prints a table, writes bench/results/bench.json and a
-plot. The load generator and the server share this machine's cores: the numbers say so.
+- the floor: the direct pipeline call at batch 1 and batch 8, PNG encoding included;
+- the server with each engine (`--batching request` and `--batching step`), closed-loop clients at concurrency
+  1, 2, 4, 8, 16 and 64, on two workloads: uniform (8 steps, guidance 7.5) and mixed (steps 6-10 and guidance
+  5-9 drawn per request: the same work on average);
+- a long/short test: a 4-step request sent while an 80-step one runs, against its latency alone;
+- request batching off (--max-batch-size 1) at concurrency 16;
+- LoRA adapters at concurrency 16 on the step engine: none, one shared, a different one per request;
+- the server's RSS over 2,000 mixed requests after warm-up;
+- dtypes: bfloat16 against float32 on the CPU (float16 on CUDA), throughput and peak memory of the direct call.
+
+Prints a table and the ratios with their targets, writes bench/results/bench.json and bench.png. On the CPU it
+uses the tiny demo model (64x64); `--realistic --device cuda` uses a Stable Diffusion 1.5-shaped model at 512x512.
+The load generator and the server share this machine's cores: the report says so.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import io
 import json
 import os
 import platform
+import random
+import resource
 import signal
 import socket
 import subprocess
@@ -28,7 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STEPS, SIZE = 8, 64
+STEPS, GUIDANCE = 8, 7.5
+CONCURRENCY = (1, 2, 4, 8, 16, 64)
+LORAS = ("red", "blue", "green")
 
 
 def free_port() -> int:
@@ -53,30 +65,32 @@ def summary(name: str, latencies: list[float], images: int, seconds: float, batc
     }
 
 
-def direct(home: Path, device: str, repeats: int) -> list[dict[str, Any]]:
-    """The floor: the pipeline called in this process, plus PNG encoding of its outputs."""
+# --- the floor ----------------------------------------------------------------------------------------------------
+
+
+def direct(home: Path, device: str, size: int, repeats: int) -> list[dict[str, Any]]:
+    """The pipeline called in this process, plus PNG encoding of its outputs."""
     import torch
 
     from model_store import ModelStore
     from service import imaging
 
-    runner = ModelStore(home).get("tiny-sd").to_runner(device)
-    call = runner.signatures["__call__"]
+    pipe = ModelStore(home).get("bench").load_pipeline(device)
 
     def once(batch: int, seed: int) -> None:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-        images = call.run(
+        images = pipe(
             prompt=["a lighthouse"] * batch,
             num_inference_steps=STEPS,
-            height=SIZE,
-            width=SIZE,
+            guidance_scale=GUIDANCE,
+            height=size,
+            width=size,
             generator=generators,
-            output_type="pil",
-        )[0]
+        ).images
         for image in images:
             imaging.encode(image)
 
-    results = []
+    rows = []
     for batch, count in ((1, repeats), (8, max(5, repeats // 4))):
         once(batch, 0)  # warm-up
         latencies = []
@@ -85,59 +99,88 @@ def direct(home: Path, device: str, repeats: int) -> list[dict[str, Any]]:
             t = time.perf_counter()
             once(batch, i)
             latencies.append(time.perf_counter() - t)
-        elapsed = time.perf_counter() - start
-        results.append(summary(f"direct batch {batch}", latencies, batch * count, elapsed, float(batch)))
+        rows.append(summary(f"direct batch {batch}", latencies, batch * count, time.perf_counter() - start, batch))
+    return rows
+
+
+def dtype_probe(dtype: str, device: str, size: int) -> dict[str, Any]:
+    """Run in a fresh process (`--dtype-probe`): throughput and peak memory of batch-8 calls in one dtype."""
+    import torch
+
+    from model_store import ModelStore
+
+    home = Path(os.environ["BENCH_HOME"])
+    pipe = ModelStore(home).get("bench").with_options(torch_dtype=dtype).load_pipeline(device)
+    call = lambda: pipe(prompt=["a lighthouse"] * 8, num_inference_steps=STEPS, height=size, width=size)  # noqa: E731
+    call()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start, count = time.perf_counter(), 4
+    for _ in range(count):
+        call()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {
+        "dtype": dtype,
+        "images_per_s": round(8 * count / (time.perf_counter() - start), 2),
+        "peak_mib": round(peak, 1),
+    }
+
+
+def dtypes(home: Path, device: str, size: int) -> list[dict[str, Any]]:
+    half = "float16" if device.startswith("cuda") else "bfloat16"
+    results = []
+    for dtype in ("float32", half):
+        out = subprocess.run(
+            [sys.executable, __file__, "--dtype-probe", dtype, "--device", device, "--size", str(size)],
+            env={**os.environ, "BENCH_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
+
+
+# --- the server ---------------------------------------------------------------------------------------------------
 
 
 class Server:
     """A real `diffusers-grpc serve` process."""
 
-    def __init__(self, home: Path, max_batch: int, device: str) -> None:
+    def __init__(self, home: Path, device: str, batching: str, max_batch: int = 8, model: str = "bench") -> None:
         from service.client import wait_until_serving
 
         self.port, self.metrics_port = free_port(), free_port()
+        command = [sys.executable, "-m", "service", "serve", model, "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--metrics-port", str(self.metrics_port), "--max-batch-size", str(max_batch), "--device", device]
+        command += ["--batching", batching, "--max-queue", "4096", "--log-level", "WARNING"]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "serve",
-                "tiny-sd",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--metrics-port",
-                str(self.metrics_port),
-                "--max-batch-size",
-                str(max_batch),
-                "--device",
-                device,
-                "--max-queue",
-                "1024",
-                "--log-level",
-                "WARNING",
-            ],
+            command,
             env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home)},
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until_serving(self.target, alive=lambda: self.process.poll() is None)
+        wait_until_serving(self.target, timeout=600, alive=lambda: self.process.poll() is None)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def batches(self) -> tuple[float, float]:
+    def metrics(self) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        values = {
-            line.split(" ")[0]: float(line.split(" ")[1])
-            for line in text.splitlines()
-            if line.startswith("diffusers_grpc_batch_size_")
-        }
-        return values.get("diffusers_grpc_batch_size_sum", 0.0), values.get("diffusers_grpc_batch_size_count", 0.0)
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("diffusers_grpc_") and "{" not in line:
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
 
     def rss(self) -> int:
         import psutil
@@ -146,16 +189,25 @@ class Server:
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
+        self.process.wait(120)
 
 
-async def load(target: str, concurrency: int, requests: int, seed0: int = 0) -> tuple[list[float], float]:
-    """`requests` TextToImage calls from `concurrency` concurrent callers; returns latencies and wall time."""
+def draw(workload: str, rng: random.Random) -> tuple[int, float]:
+    if workload == "mixed":
+        return rng.randint(6, 10), round(rng.uniform(5.0, 9.0), 2)
+    return STEPS, GUIDANCE
+
+
+async def load(
+    target: str, concurrency: int, requests: int, workload: str, size: int, seed0: int = 0, adapters: str = "none"
+) -> tuple[list[float], float]:
+    """`requests` TextToImage calls from `concurrency` closed-loop clients; returns latencies and wall time."""
     import grpc
 
     from service.generated.diffusion.v1 import diffusion_pb2 as pb
     from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
+    rng = random.Random(seed0)
     latencies: list[float] = []
     counter = iter(range(requests))
     async with grpc.aio.insecure_channel(target) as channel:
@@ -163,9 +215,20 @@ async def load(target: str, concurrency: int, requests: int, seed0: int = 0) -> 
 
         async def caller() -> None:
             for i in counter:
-                params = pb.GenerationParams(seed=seed0 + i, num_inference_steps=STEPS, height=SIZE, width=SIZE)
+                steps, guidance = draw(workload, rng)
+                lora = {"none": [], "shared": [LORAS[0]], "mixed": [LORAS[i % len(LORAS)]]}[adapters]
+                params = pb.GenerationParams(
+                    seed=seed0 + i,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=size,
+                    width=size,
+                    adapters=[pb.Adapter(name=name, weight=1.0) for name in lora],
+                )
                 t = time.perf_counter()
-                await stub.TextToImage(pb.TextToImageRequest(prompt="a lighthouse", params=params), timeout=300)
+                model = "bench-lora" if adapters != "none" else ""
+                request = pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params)
+                await stub.TextToImage(request, timeout=600)
                 latencies.append(time.perf_counter() - t)
 
         start = time.perf_counter()
@@ -173,96 +236,213 @@ async def load(target: str, concurrency: int, requests: int, seed0: int = 0) -> 
         return latencies, time.perf_counter() - start
 
 
-def measure(server: Server, name: str, concurrency: int, requests: int) -> dict[str, Any]:
-    asyncio.run(load(server.target, concurrency, max(concurrency, 8), seed0=10_000))  # warm-up
-    before = server.batches()
-    latencies, seconds = asyncio.run(load(server.target, concurrency, requests))
-    after = server.batches()
-    count = after[1] - before[1]
-    return summary(name, latencies, len(latencies), seconds, (after[0] - before[0]) / count if count else None)
+def measure(
+    server: Server, name: str, concurrency: int, requests: int, workload: str, size: int, **kw: Any
+) -> dict[str, Any]:
+    asyncio.run(load(server.target, concurrency, max(concurrency, 8), workload, size, seed0=10_000, **kw))  # warm-up
+    before = server.metrics()
+    latencies, seconds = asyncio.run(load(server.target, concurrency, requests, workload, size, **kw))
+    after = server.metrics()
+    calls = after.get("diffusers_grpc_batch_size_count", 0) - before.get("diffusers_grpc_batch_size_count", 0)
+    items = after.get("diffusers_grpc_batch_size_sum", 0) - before.get("diffusers_grpc_batch_size_sum", 0)
+    row = summary(name, latencies, len(latencies), seconds, items / calls if calls else None)
+    row.update(concurrency=concurrency, workload=workload)
+    print(_line(row), flush=True)
+    return row
+
+
+async def long_short(target: str, size: int) -> dict[str, float]:
+    """A 4-step request alone, then sent while an 80-step request runs: how long does the short one wait?"""
+    import grpc
+
+    from service.generated.diffusion.v1 import diffusion_pb2 as pb
+    from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+
+    def request(steps: int, seed: int) -> pb.TextToImageRequest:
+        params = pb.GenerationParams(seed=seed, num_inference_steps=steps, height=size, width=size)
+        return pb.TextToImageRequest(prompt="a lighthouse", params=params)
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        alone = []
+        for seed in range(5):
+            t = time.perf_counter()
+            await stub.TextToImage(request(4, seed), timeout=600)
+            alone.append(time.perf_counter() - t)
+        during = []
+        for seed in range(3):
+            long = stub.Stream(pb.StreamRequest(text_to_image=request(80, 100 + seed)), timeout=600)
+            events = long.__aiter__()
+            await events.__anext__()  # the long request is denoising
+            t = time.perf_counter()
+            await stub.TextToImage(request(4, 200 + seed), timeout=600)
+            during.append(time.perf_counter() - t)
+            async for _ in events:  # let it finish before the next round
+                pass
+    return {
+        "short_alone_ms": round(percentile(alone, 0.5) * 1e3, 1),
+        "short_during_long_ms": round(percentile(during, 0.5) * 1e3, 1),
+    }
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def build_store(home: Path, realistic: bool) -> None:
+    from model_store import ModelStore
+    from model_store.adapters import import_lora
+    from model_store.demo import DEMO_SIGNATURES, build_tiny_pipeline
+    from model_store.tiny_families import build_sd15_shaped, save_tiny_lora
+
+    store = ModelStore(home)
+    pipeline = build_sd15_shaped(seed=0) if realistic else build_tiny_pipeline(seed=0)
+    store.save_model("bench", pipeline, signatures=DEMO_SIGNATURES)
+    # The same weights again, with LoRAs: adapters are measured on it, the engines on a model without any.
+    store.save_model("bench-lora", pipeline, signatures=DEMO_SIGNATURES)
+    for seed, name in enumerate(LORAS, start=1):
+        weights = save_tiny_lora(pipeline, home / "loras" / name, seed=seed)
+        import_lora(store, name, weights, "bench-lora")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--requests", type=int, default=160, help="requests per server measurement (scaled by c)")
+    parser.add_argument("--realistic", action="store_true", help="an SD 1.5-shaped model at 512x512 (for a GPU)")
+    parser.add_argument("--requests", type=int, default=96, help="requests per server measurement (at least 4 x c)")
     parser.add_argument("--rss-requests", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--dtype-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    size = args.size or (512 if args.realistic else 64)
+    if args.dtype_probe:
+        print(json.dumps(dtype_probe(args.dtype_probe, args.device, size)))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
-
-    from model_store import ModelStore
-    from model_store.demo import save_demo
-
     home = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    save_demo(ModelStore(home))
-    rows = direct(home, args.device, repeats=40)
-    rss: dict[str, Any] = {}
-    for label, max_batch in (("on", 8), ("off", 1)):
-        server = Server(home, max_batch, args.device)
+    build_store(home, args.realistic)
+
+    rows = direct(home, args.device, size, repeats=40)
+    for row in rows:
+        print(_line(row), flush=True)
+    report: dict[str, Any] = {"dtypes": dtypes(home, args.device, size), "long_short": {}, "adapters": []}
+    for engine in ("request", "step"):
+        server = Server(home, args.device, engine)
         try:
-            for concurrency in (1, 4, 16, 64) if label == "on" else (4, 16, 64):
-                requests = max(args.requests // 4, 20) if concurrency == 1 else max(args.requests, 4 * concurrency)
-                row = measure(server, f"server c={concurrency} batching {label}", concurrency, requests)
-                row.update(concurrency=concurrency, batching=label)
-                rows.append(row)
-                print(_line(row), flush=True)
-            if label == "on" and args.rss_requests:
-                asyncio.run(load(server.target, 16, 200, seed0=50_000))  # warm-up before the baseline
-                start = server.rss()
-                asyncio.run(load(server.target, 16, args.rss_requests, seed0=60_000))
-                end = server.rss()
-                rss = {
-                    "requests": args.rss_requests,
-                    "start_mib": round(start / 2**20, 1),
-                    "end_mib": round(end / 2**20, 1),
-                    "change_pct": round(100 * (end - start) / start, 2),
-                }
+            for workload in ("uniform", "mixed"):
+                for concurrency in CONCURRENCY:
+                    requests = 20 if concurrency == 1 else max(args.requests, 4 * concurrency)
+                    name = f"{engine} {workload} c={concurrency}"
+                    row = measure(server, name, concurrency, requests, workload, size)
+                    rows.append({**row, "engine": engine})
+            report["long_short"][engine] = asyncio.run(long_short(server.target, size))
+            if engine == "step":
+                report["rss"] = rss_run(server, args.rss_requests, size)
         finally:
             server.stop()
-    report = _report(rows, rss, args.device)
+    lora = Server(home, args.device, "step", model="bench-lora")
+    try:
+        for adapters in ("none", "shared", "mixed"):
+            name = f"step adapters {adapters} c=16"
+            row = measure(lora, name, 16, args.requests, "uniform", size, adapters=adapters)
+            report["adapters"].append({**row, "adapters": adapters})
+    finally:
+        lora.stop()
+    off = Server(home, args.device, "request", max_batch=1)
+    try:
+        rows.append({**measure(off, "request batching off c=16", 16, args.requests, "uniform", size), "engine": "off"})
+    finally:
+        off.stop()
+    report.update(
+        model=f"{'SD 1.5-shaped' if args.realistic else 'tiny-sd f8'}, {size}x{size}, {STEPS} steps",
+        device=args.device,
+        machine=f"{platform.machine()}, {os.cpu_count()} cores shared by the load generator and the server",
+        rows=rows,
+    )
+    report["ratios"] = ratios(report)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     _plot(rows, args.out / "bench.png")
     _print(report)
     return 0
 
 
-def _report(rows: list[dict[str, Any]], rss: dict[str, Any], device: str) -> dict[str, Any]:
-    by = {r["name"]: r for r in rows}
-    direct1, direct8 = by["direct batch 1"], by["direct batch 8"]
-    on16, off16, on1 = by["server c=16 batching on"], by["server c=16 batching off"], by["server c=1 batching on"]
-    targets = {
-        "c1_p50_over_direct_b1": round(on1["p50_ms"] / direct1["p50_ms"], 3),  # target <= 1.05
-        "c16_throughput_over_direct_b8": round(on16["images_per_s"] / direct8["images_per_s"], 3),  # >= 0.90
-        "c16_batching_on_over_off": round(on16["images_per_s"] / off16["images_per_s"], 3),  # >= 3
-        "rss_change_pct": rss.get("change_pct"),  # within 5
-    }
+def rss_run(server: Server, requests: int, size: int) -> dict[str, Any]:
+    asyncio.run(load(server.target, 16, 200, "mixed", size, seed0=50_000))  # warm-up before the baseline
+    start = server.rss()
+    asyncio.run(load(server.target, 16, requests, "mixed", size, seed0=60_000))
+    end = server.rss()
     return {
-        "model": f"tiny-sd f8, {SIZE}x{SIZE}, {STEPS} steps",
-        "device": device,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores shared by the load generator and the server",
-        "rows": rows,
-        "rss": rss,
-        "ratios": targets,
+        "requests": requests,
+        "start_mib": round(start / 2**20, 1),
+        "end_mib": round(end / 2**20, 1),
+        "change_pct": round(100 * (end - start) / start, 2),
+    }
+
+
+def ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each ratio with its target, as the issues set them."""
+    by = {r["name"]: r for r in report["rows"]}
+    b1, b8 = by["direct batch 1"], by["direct batch 8"]
+    adapters = {r["adapters"]: r for r in report["adapters"]}
+    long_short = report["long_short"]
+
+    def ratio(value: float, target: str) -> dict[str, Any]:
+        return {"value": round(value, 3), "target": target}
+
+    return {
+        "step uniform c=8 img/s / direct b8": ratio(
+            by["step uniform c=8"]["images_per_s"] / b8["images_per_s"], ">= 0.90"
+        ),
+        "step mixed c=16 img/s / direct b8": ratio(
+            by["step mixed c=16"]["images_per_s"] / b8["images_per_s"], ">= 0.85"
+        ),
+        "step / request, mixed c=16": ratio(
+            by["step mixed c=16"]["images_per_s"] / by["request mixed c=16"]["images_per_s"], ">= 2.0"
+        ),
+        "step c=1 p50 / direct b1 p50": ratio(by["step uniform c=1"]["p50_ms"] / b1["p50_ms"], "<= 1.05"),
+        "step c=16 p99 / direct b8 p50": ratio(by["step uniform c=16"]["p99_ms"] / b8["p50_ms"], "<= 2.2"),
+        "short during long / alone, step": ratio(
+            long_short["step"]["short_during_long_ms"] / long_short["step"]["short_alone_ms"], "<= 3"
+        ),
+        "short during long / alone, request": ratio(
+            long_short["request"]["short_during_long_ms"] / long_short["request"]["short_alone_ms"], "(for contrast)"
+        ),
+        "request c=1 p50 / direct b1 p50": ratio(by["request uniform c=1"]["p50_ms"] / b1["p50_ms"], "<= 1.05"),
+        "request c=16 img/s / direct b8": ratio(
+            by["request uniform c=16"]["images_per_s"] / b8["images_per_s"], ">= 0.90"
+        ),
+        "request batching on / off, c=16": ratio(
+            by["request uniform c=16"]["images_per_s"] / by["request batching off c=16"]["images_per_s"], ">= 3"
+        ),
+        "mixed adapters / one shared adapter, c=16": ratio(
+            adapters["mixed"]["images_per_s"] / adapters["shared"]["images_per_s"], ">= 0.8"
+        ),
+        "RSS change over mixed requests, %": ratio(report["rss"]["change_pct"], "within 5"),
+        "half precision / float32 img/s": ratio(
+            report["dtypes"][1]["images_per_s"] / report["dtypes"][0]["images_per_s"], "(measured)"
+        ),
+        "half precision / float32 peak memory": ratio(
+            report["dtypes"][1]["peak_mib"] / report["dtypes"][0]["peak_mib"], "(measured)"
+        ),
     }
 
 
 def _line(row: dict[str, Any]) -> str:
     batch = "-" if row["mean_batch"] is None else f"{row['mean_batch']:.2f}"
-    return f"{row['name']:<28} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['images_per_s']:>9.1f} {batch:>7}"
+    return f"{row['name']:<32} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['images_per_s']:>9.1f} {batch:>7}"
 
 
 def _print(report: dict[str, Any]) -> None:
     print(f"\n{report['model']} on {report['device']}; {report['machine']}")
-    print(f"{'run':<28} {'p50 ms':>9} {'p99 ms':>9} {'img/s':>9} {'batch':>7}")
-    for row in report["rows"]:
+    print(f"{'run':<32} {'p50 ms':>9} {'p99 ms':>9} {'img/s':>9} {'batch':>7}")
+    for row in [*report["rows"], *report["adapters"]]:
         print(_line(row))
+    print(f"long/short: {report['long_short']}")
+    print(f"dtypes: {report['dtypes']}")
     print(f"RSS: {report['rss']}")
-    r = report["ratios"]
-    print(f"c=1 p50 / direct b1 p50      = {r['c1_p50_over_direct_b1']}  (target <= 1.05)")
-    print(f"c=16 img/s / direct b8 img/s = {r['c16_throughput_over_direct_b8']}  (target >= 0.90)")
-    print(f"c=16 batching on / off       = {r['c16_batching_on_over_off']}  (target >= 3)")
-    print(f"RSS change after warm-up     = {r['rss_change_pct']}%  (target within 5%)")
+    print(f"\n{'ratio':<44} {'value':>8}  target")
+    for name, entry in report["ratios"].items():
+        print(f"{name:<44} {entry['value']:>8}  {entry['target']}")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -271,23 +451,32 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
-    for label in ("on", "off"):
-        points = sorted((r["concurrency"], r) for r in rows if r.get("batching") == label)
-        xs = [c for c, _ in points]
-        latency.plot(xs, [r["p50_ms"] for _, r in points], marker="o", label=f"batching {label} p50")
-        latency.plot(xs, [r["p99_ms"] for _, r in points], marker="x", linestyle="--", label=f"batching {label} p99")
-        throughput.plot(xs, [r["images_per_s"] for _, r in points], marker="o", label=f"batching {label}")
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    throughput, p50, p99 = axes
+    for engine in ("request", "step"):
+        for workload, style in (("uniform", "-"), ("mixed", "--")):
+            points = sorted(
+                (r["concurrency"], r) for r in rows if r.get("engine") == engine and r.get("workload") == workload
+            )
+            xs = [c for c, _ in points]
+            label = f"{engine}, {workload}"
+            throughput.plot(xs, [r["images_per_s"] for _, r in points], style, marker="o", label=label)
+            p50.plot(xs, [r["p50_ms"] for _, r in points], style, marker="o", label=label)
+            p99.plot(xs, [r["p99_ms"] for _, r in points], style, marker="x", label=label)
     by = {r["name"]: r for r in rows}
-    latency.axhline(by["direct batch 1"]["p50_ms"], color="grey", linestyle=":", label="direct b1 p50")
     throughput.axhline(by["direct batch 8"]["images_per_s"], color="grey", linestyle=":", label="direct b8")
-    for axis, title, unit in ((latency, "latency", "ms"), (throughput, "throughput", "images/s")):
+    p50.axhline(by["direct batch 1"]["p50_ms"], color="grey", linestyle=":", label="direct b1")
+    for axis, title, unit in (
+        (throughput, "throughput", "images/s"),
+        (p50, "p50 latency", "ms"),
+        (p99, "p99 latency", "ms"),
+    ):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrency")
         axis.set_ylabel(unit)
         axis.set_title(title)
         axis.legend(fontsize=7)
-    figure.suptitle("diffusers-grpc, tiny f8 model, 64x64, 8 steps (client and server share the cores)")
+    figure.suptitle("diffusers-grpc: request vs step batching (client and server share the cores)")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

@@ -27,6 +27,8 @@ from .store import ModelStore
 from .tags import validate_part
 
 _CHUNK = 1 << 20
+DEFAULT_MAX_BYTES = 64 << 30  # larger than any diffusers pipeline in float32 today; raise it with max_bytes
+MAX_MODEL_FILE_BYTES = 1 << 20
 
 
 def export_model(store: ModelStore, tag: str, dest: str | os.PathLike[str]) -> Model:
@@ -41,19 +43,30 @@ def export_model(store: ModelStore, tag: str, dest: str | os.PathLike[str]) -> M
 
 
 def import_archive(
-    store: ModelStore, src: str | os.PathLike[str], *, overwrite: bool = False, trust_remote_code: bool = False
+    store: ModelStore,
+    src: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Model:
     """Import an archive made by `export_model`, verifying every member; the tag is kept as it was.
 
-    An archive whose model ships custom pipeline code is refused unless the operator passes
+    Nothing is written before the archive is known to fit: its first member must be model.yaml (as export_model
+    writes it), every other member must be a file it lists, with the size it lists, and the total must stay under
+    `max_bytes` and the free disk space. A small archive that would unpack into gigabytes is refused from its
+    headers. An archive whose model ships custom pipeline code is refused unless the operator passes
     `trust_remote_code=True` (`--trust-remote-code`): what model.yaml says about trust is never read.
     """
     staging = store.staging_folder("archive")
     try:
-        with _open_read(str(src)) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-            for member in _progress(list(tar), f"import {Path(str(src)).name}"):
+        with _open_read(str(src)) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            members = iter(tar)  # a stream: each header is read before its data, and checked first
+            info = _read_first_info(tar, next(members, None), staging)
+            _check_fits(info, staging, max_bytes)
+            for member in members:
+                _check_member(member, info)
                 _extract(tar, member, staging)
-        info = _read_info(staging)
         _verify(staging, info)
         if info.has_custom_code:
             if not trust_remote_code:
@@ -72,11 +85,56 @@ def import_archive(
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _read_first_info(tar: tarfile.TarFile, member: tarfile.TarInfo | None, staging: Path) -> ModelInfo:
+    if member is None:
+        raise StoreError(f"the archive is empty: it has no {MODEL_FILE}")
+    _check_path(member.name)
+    if member.name != MODEL_FILE or not member.isreg():
+        raise StoreError(f"the archive's first member must be {MODEL_FILE} (as export writes it), not {member.name!r}")
+    if member.size > MAX_MODEL_FILE_BYTES:
+        raise StoreError(f"the archive's {MODEL_FILE} is {member.size} bytes; the limit is {MAX_MODEL_FILE_BYTES}")
+    _extract(tar, member, staging)
+    return _read_info(staging)
+
+
+def _check_fits(info: ModelInfo, staging: Path, max_bytes: int) -> None:
+    try:
+        total = sum(int(entry["size"]) for entry in info.files.values())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"the archive's {MODEL_FILE} lists a file without a size: {exc}") from None
+    if total > max_bytes:
+        raise StoreError(f"the archive unpacks to {total} bytes, over the limit of {max_bytes} (max_bytes)")
+    free = shutil.disk_usage(staging).free
+    if total > free:
+        raise StoreError(f"the archive unpacks to {total} bytes; the store's disk has {free} free")
+
+
+def _check_member(member: tarfile.TarInfo, info: ModelInfo) -> None:
+    """A member may be a folder, or a regular file listed in model.yaml with the size it declares."""
+    _check_path(member.name)
+    if member.isdir():
+        return
+    if not member.isreg():
+        raise StoreError(f"archive member {member.name!r} is not a regular file (links and devices are refused)")
+    entry = info.files.get(member.name)
+    if entry is None:
+        raise IntegrityError(f"archive member {member.name!r} is not listed in {MODEL_FILE}")
+    if member.size != entry.get("size"):
+        raise IntegrityError(
+            f"archive member {member.name!r} is {member.size} bytes; {MODEL_FILE} says {entry.get('size')}"
+        )
+
+
+def _check_path(name: str) -> None:
+    parts = PurePosixPath(name).parts
+    unsafe = not name or name.startswith("/") or PurePosixPath(name).is_absolute() or ".." in parts
+    if unsafe or "\\" in name:
+        raise StoreError(f"archive member {name!r} has an unsafe path")
+
+
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path) -> None:
     name = member.name
-    parts = PurePosixPath(name).parts
-    if not name or name.startswith("/") or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise StoreError(f"archive member {name!r} has an unsafe path")
+    _check_path(name)
     if member.isdir():
         (staging / name).mkdir(parents=True, exist_ok=True)
         return
@@ -88,7 +146,7 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path) -> No
     target.parent.mkdir(parents=True, exist_ok=True)
     source = tar.extractfile(member)
     assert source is not None
-    with source, open(target, "wb") as out:
+    with source, open(target, "wb") as out:  # extractfile yields exactly member.size bytes, checked above
         shutil.copyfileobj(source, out, _CHUNK)
 
 

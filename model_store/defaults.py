@@ -42,12 +42,13 @@ def read_pipeline_defaults(folder: Path, scheduler: str | None = None) -> Pipeli
     scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 1
     sample = denoiser.get("sample_size") or FALLBACK_LATENT_SIZE[denoiser_name]
     height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)[:2]
-    scheduler = scheduler or str(config("scheduler", "scheduler_config.json").get("_class_name", ""))
+    scheduler_config = config("scheduler", "scheduler_config.json")
+    scheduler = scheduler or str(scheduler_config.get("_class_name", ""))
     return PipelineDefaults(
         int(height) * scale,
         int(width) * scale,
         scheduler,
-        compatible_schedulers(scheduler),
+        compatible_schedulers(scheduler, scheduler_config or None),
         control_inputs=_control_inputs(folder, index),
         prefers_bfloat16=any(
             config(part).get("torch_dtype", config(part).get("dtype")) == "bfloat16"
@@ -67,13 +68,28 @@ def _control_inputs(folder: Path, index: dict[str, Any]) -> int:
     return sum(1 for p in folder.iterdir() if _CONTROLNET_FOLDER.fullmatch(p.name) and (p / "config.json").is_file())
 
 
-def compatible_schedulers(scheduler: str) -> tuple[str, ...]:
-    """The scheduler classes a request may name instead of `scheduler`."""
+def compatible_schedulers(scheduler: str, config: Any = None) -> tuple[str, ...]:
+    """The scheduler classes a request may name instead of `scheduler`: those diffusers lists as compatible that
+    can be built here (some need extras such as scipy or torchsde), from `config` when given."""
     import diffusers
 
     cls = getattr(diffusers, scheduler, None)
     if cls is None:
         return ()
     names = {scheduler} | {str(name) for name in getattr(cls, "_compatibles", [])}
-    # Only schedulers that build from this config without extra packages (e.g. scipy/torchsde extras).
-    return tuple(sorted(n for n in names if getattr(diffusers, n, None) is not None and "Dummy" not in n))
+    return tuple(sorted(name for name in names if _buildable(name, config)))
+
+
+def _buildable(name: str, config: Any) -> bool:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or "Dummy" in name:
+        return False
+    try:  # a class whose extra package is missing is a placeholder that raises ImportError when built
+        cls.from_config(config) if config is not None else cls()
+    except ImportError:
+        return False
+    except Exception:  # a config it cannot take: requests naming it would fail the same way
+        return config is None
+    return True

@@ -49,14 +49,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def copy_tree(src: Path, dest: Path, *, skip: tuple[str, ...] = (".git", ".cache")) -> None:
+PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth")  # torch.load files: loading one can run code
+
+
+def copy_tree(
+    src: Path, dest: Path, *, skip: tuple[str, ...] = (".git", ".cache"), skip_files: frozenset[Path] = frozenset()
+) -> None:
     """Copy a folder's regular files (following links to files, so the copy is self-contained)."""
     for folder, dirs, files in os.walk(src, followlinks=True):
         dirs[:] = [d for d in dirs if d not in skip]
         rel = Path(folder).relative_to(src)
         (dest / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
-            shutil.copyfile(Path(folder) / name, dest / rel / name)
+            if Path(folder) / name not in skip_files:
+                shutil.copyfile(Path(folder) / name, dest / rel / name)
+
+
+def pickle_weights(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The folder's pickle weight files: (those a .safetensors file beside them replaces, those nothing does)."""
+    shadowed: list[Path] = []
+    alone: list[Path] = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in PICKLE_WEIGHTS):
+        safe = any(sibling.suffix == ".safetensors" for sibling in path.parent.iterdir())
+        (shadowed if safe else alone).append(path)
+    return shadowed, alone
 
 
 def list_files(root: Path) -> list[str]:

@@ -24,7 +24,7 @@ from filelock import FileLock
 from .custom import STORED_NAME as CUSTOM_FILE
 from .custom import load_class, require_trust, source_file
 from .errors import ModelExistsError, ModelNotFoundError, StoreError
-from .files import atomic_write_text, copy_tree, fsync_dir, fsync_tree, list_files, sha256_file
+from .files import atomic_write_text, copy_tree, fsync_dir, fsync_tree, list_files, pickle_weights, sha256_file
 from .model import MODEL_FILE, Model, ModelInfo, resolve_pipeline_class
 from .options import STORED_KEYS, check_stored
 from .signatures import parse_signatures
@@ -115,6 +115,7 @@ class ModelStore:
         custom_pipeline: str | os.PathLike[str] | None = None,
         trust_remote_code: bool = False,
         options: Mapping[str, Any] | None = None,
+        allow_pickle: bool = False,
     ) -> Model:
         """Copy a diffusers pipeline folder (or a hub id, resolved through the local HF cache) into the store.
 
@@ -128,11 +129,18 @@ class ModelStore:
         validate_part(name, "model name")
         require_trust(custom_pipeline, trust_remote_code)
         folder = resolve_source(source, revision=revision, variant=variant)
+        shadowed, alone = pickle_weights(folder)
+        if alone and not allow_pickle:
+            names = ", ".join(str(p.relative_to(folder)) for p in alone[:3])
+            raise StoreError(
+                f"{folder} holds pickle weights with no safetensors beside them ({names}): loading them can run code. "
+                "Convert them to safetensors, or pass --allow-pickle (serving then needs serve --allow-pickle)"
+            )
         custom_file = source_file(custom_pipeline) if custom_pipeline is not None else None
         pipeline_cls = load_class(custom_file) if custom_file else _stored_class(folder, pipeline_class)
 
         def fill(target: Path) -> None:
-            copy_tree(folder, target)
+            copy_tree(folder, target, skip_files=frozenset(shadowed))  # never loaded: safetensors are
             if custom_file is not None:
                 shutil.copyfile(custom_file, target / CUSTOM_FILE)
 

@@ -15,17 +15,24 @@ LATEST = "latest"
 
 
 def validate_part(value: str, what: str) -> str:
-    """Return `value` if it is a valid name or version, else raise InvalidTagError saying why."""
+    """Return `value` if it is a valid name or version, else raise InvalidTagError saying why (quoting at most
+    the first characters of it: a tag may come from a client)."""
     if not value:
         raise InvalidTagError(f"{what} is empty")
     if len(value) > MAX_PART_LENGTH:
-        raise InvalidTagError(f"{what} {value!r} is {len(value)} characters long; the maximum is {MAX_PART_LENGTH}")
+        length = len(value)
+        raise InvalidTagError(f"{what} {shown(value)} is {length} characters long; the maximum is {MAX_PART_LENGTH}")
     if not _PART.fullmatch(value):
         raise InvalidTagError(
-            f"{what} {value!r} is invalid: use lowercase letters, digits and '-', '.', '_' inside, "
+            f"{what} {shown(value)} is invalid: use lowercase letters, digits and '-', '.', '_' inside, "
             "starting and ending with a letter or digit"
         )
     return value
+
+
+def shown(text: str, limit: int = MAX_PART_LENGTH + 1) -> str:
+    """A string for a message: quoted, control characters escaped (repr), and cut after `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class Tag:
     def parse(cls, text: str) -> Tag:
         if not isinstance(text, str):
             raise InvalidTagError(f"tag must be a string, got {type(text).__name__}")
+        if len(text) > 2 * MAX_PART_LENGTH + 1:
+            raise InvalidTagError(f"tag {shown(text)} is {len(text)} characters long; a tag is name[:version]")
         name, sep, version = text.partition(":")
         validate_part(name, "model name")
         if not sep:

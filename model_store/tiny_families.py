@@ -419,3 +419,56 @@ def save_tiny_embedding(
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({token: vectors.contiguous()}, str(out))
     return out
+
+
+def build_sd15_shaped(seed: int = 0, torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.5-shaped pipeline with random weights (UNet 860 M parameters, CLIP-L-sized text encoder,
+    the real VAE's shape): what `make bench --realistic` measures on a GPU, without downloading weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=MAX_LENGTH,
+                vocab_size=len(tokenizer),
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False)
+    components: dict[str, Any] = {  # Any: diffusers' annotations reject valid values (see demo.py)
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    return _finish(pipe, torch_dtype)  # type: ignore[no-any-return]

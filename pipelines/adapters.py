@@ -5,7 +5,7 @@
 - A step-engine UNet call whose rows use different LoRAs (one each, or none) goes through PEFT's mixed-batch
   path: every LoRA layer gets the rows' `adapter_names` (PEFT's own forward argument, injected by a pre-hook),
   and each adapter's `lora_B` output is scaled per row by that row's weight. Rows without a LoRA are `__base__`.
-  For that, the UNet's own adapter weights are kept at 1.0 (restored lazily after a `set_adapters` call).
+  For that, the UNet applies every LoRA at weight 1.0; a call in which no row uses a LoRA runs them off.
 
 Loaded adapters stay loaded: switching costs no reload. Embeddings change the tokenizer only by adding their
 tokens, so prompts without those tokens are unaffected.
@@ -22,6 +22,8 @@ from typing import Any
 
 LORA, EMBEDDING = "lora", "embedding"
 BASE_ROW = "__base__"  # PEFT's name for a row that uses no adapter
+UNET = "unet"
+OFF, ROWS = "off", "rows"  # what a component applies: no LoRA, or each row its own
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,16 @@ class Adapter:
 
 
 class ReplicaAdapters:
-    """The adapters loaded into one replica of a model. Used only from its worker's thread."""
+    """The adapters loaded into one replica of a model, and what each component applies now. Used only from its
+    worker's thread. Every change goes through `_set`, which touches a component only when what it should apply
+    differs from what it does: steady traffic costs no module walks."""
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self.loras: set[str] = set()
         self.embeddings: set[str] = set()
-        self._unet_weights_dirty = False  # the UNet's adapter weights were set per call: not all 1.0
+        self._holds: dict[str, set[str]] = {}  # component (unet, text_encoder...) -> the LoRAs it holds
+        self._state: dict[str, Any] = {}  # component -> what it applies now: OFF, ROWS, or ((name, weight), ...)
         self._rows: tuple[list[str], dict[str, Any]] | None = None  # the mixed call in progress
         self._hooked: set[int] = set()
 
@@ -54,46 +59,39 @@ class ReplicaAdapters:
             if adapter.kind == LORA and adapter.name not in self.loras:
                 self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
                 self.loras.add(adapter.name)
-                self._unet_weights_dirty = True
+                self._holds = {part: set(names) for part, names in self.pipeline.get_list_adapters().items()}
+                self._state.clear()  # loading made the new adapter the active one everywhere
                 self._hook_new_layers()
             elif adapter.kind == EMBEDDING and adapter.name not in self.embeddings:
                 load_embedding(self.pipeline, Path(adapter.path), adapter.token or "")
                 self.embeddings.add(adapter.name)
 
     def apply(self, loras: Sequence[Adapter]) -> None:
-        """Set the LoRAs of a whole pipeline call or of prompt encoding, as a direct call would."""
-        if not self.loras:
-            return
-        if loras:
-            self.pipeline.enable_lora()
-            self.pipeline.set_adapters([a.name for a in loras], adapter_weights=[a.weight for a in loras])
-        else:
-            self.pipeline.disable_lora()
-        self._unet_weights_dirty = True
+        """Set the LoRAs of a whole pipeline call, as a direct call's `set_adapters` (or `disable_lora`) does."""
+        for component in self._holds:
+            self._set(component, loras)
+
+    def apply_to_text_encoders(self, loras: Sequence[Adapter]) -> None:
+        """Set the LoRAs of prompt encoding (the text encoders' share of `set_adapters`)."""
+        for component in self._holds:
+            if component != UNET:
+                self._set(component, loras)
 
     def apply_to_unet(self, loras: Sequence[Adapter]) -> None:
         """Set several LoRAs for a whole UNet call (a step set whose items share the same several adapters)."""
-        if not self.loras:
-            return
-        unet = self.pipeline.unet
-        unet.enable_adapters()
-        unet.set_adapters([a.name for a in loras], weights=[a.weight for a in loras])
-        self._unet_weights_dirty = True
+        if UNET in self._holds:
+            self._set(UNET, loras)
 
     @contextlib.contextmanager
     def per_row(self, rows: Sequence[Adapter | None]) -> Iterator[None]:
         """A UNet call in which row i uses `rows[i]` (one LoRA at its weight, or none)."""
-        if not self.loras:
+        if UNET not in self._holds or not any(rows):
+            self.apply_to_unet(())  # no row uses a LoRA: the plain forward, adapters off
             yield
             return
         import torch
 
-        unet = self.pipeline.unet
-        if self._unet_weights_dirty:
-            unet.enable_adapters()
-            names = sorted(self.loras)
-            unet.set_adapters(names, weights=[1.0] * len(names))
-            self._unet_weights_dirty = False
+        self._set(UNET, ROWS)
         row_names = [adapter.name if adapter is not None else BASE_ROW for adapter in rows]
         weights: dict[str, list[float]] = {}
         for adapter in rows:
@@ -106,6 +104,38 @@ class ReplicaAdapters:
             yield
         finally:
             self._rows = None
+
+    def _set(self, component: str, loras: Sequence[Adapter] | str) -> None:
+        """Make `component` apply these LoRAs (those it holds), or ROWS: every LoRA on at weight 1.0, each row
+        then taking its own through the hooks."""
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
+
+        held = self._holds[component]
+        if loras == ROWS:
+            pairs = tuple((name, 1.0) for name in sorted(held))
+        else:
+            pairs = tuple((a.name, a.weight) for a in loras if a.name in held)  # type: ignore[union-attr]
+        wanted = ROWS if loras == ROWS else pairs or OFF
+        if self._state.get(component) == wanted:
+            return
+        model = getattr(self.pipeline, component)
+        names, weights = [name for name, _ in pairs], [weight for _, weight in pairs]
+        if component == UNET:
+            if pairs:
+                model.enable_lora()
+                model.set_adapters(names, weights)
+            else:
+                model.disable_lora()
+        elif pairs:
+            enable_lora_for_text_encoder(model)
+            set_adapters_for_text_encoder(names, model, weights)
+        else:
+            disable_lora_for_text_encoder(model)
+        self._state[component] = wanted
 
     def _hook_new_layers(self) -> None:
         """Give every LoRA layer (new ones appear as adapters load) the hooks of the mixed-batch path."""

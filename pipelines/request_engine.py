@@ -8,15 +8,18 @@ Two kinds of call (`BatchKey.kind`):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from batching import BatchKey, CallOutput, ItemOutput, StepHook, WorkItem, WorkKind
+from batching import BatchKey, CallOutput, InvalidInputError, ItemOutput, StepHook, WorkItem, WorkKind
+from batching.executor import is_out_of_memory
 from model_store import interface
 
 from .adapters import Adapter, ReplicaAdapters
 from .device import Device
 
+log = logging.getLogger(__name__)
 SCHEDULER_PARAM = "scheduler"
 ADAPTERS, EMBEDDINGS = "adapters", "embeddings"  # BatchKey.group entries: the LoRAs and embeddings a call uses
 
@@ -58,7 +61,7 @@ class RequestEngine:
             kwargs["callback_on_step_end"] = _step_callback(on_step)
         with self.device.running():
             if is_call:
-                return split_named(named_outputs(function(**kwargs)), len(items))
+                return split_named(named_outputs(_call(function, kwargs, key)), len(items))
             outputs = signature.run(**kwargs)
         return split_outputs(outputs, len(items))
 
@@ -77,6 +80,23 @@ class RequestEngine:
             base = self._schedulers[base_key]
             self._schedulers[cache_key] = getattr(diffusers, name).from_config(base.config)
         pipeline.scheduler = self._schedulers[cache_key]
+
+
+class CallRejected(InvalidInputError):
+    """A Call's pipeline method failed on the arguments the client chose (INVALID_ARGUMENT, not a page)."""
+
+
+def _call(function: Callable[..., Any], kwargs: dict[str, Any], key: BatchKey) -> Any:
+    """A Call passes the client's own values into the method, past what validation can know of them: whatever
+    the method raises about them is the client's error. Out-of-memory errors stay what they are."""
+    try:
+        return function(**kwargs)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        log.warning("%s.%s rejected a Call's arguments", key.model, key.signature, exc_info=True)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise CallRejected(f"{key.signature} failed on these arguments: {type(exc).__name__}: {first}") from exc
 
 
 def stack(values: Sequence[Any], batch_dim: int) -> Any:

@@ -309,7 +309,7 @@ class StepEngine:
                         model.adapters.ensure(
                             adapter for i in indices for adapter in (*specs[i].loras, *specs[i].embeddings)
                         )
-                        model.adapters.apply(loras)
+                        model.adapters.apply_to_text_encoders(loras)
                         conditioning = model.family.encode(model.base, [specs[i] for i in indices], self.device.name)
                 except Exception as exc:
                     failed += [(item, exc) for item in group_items]

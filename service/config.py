@@ -35,6 +35,7 @@ class ServerConfig:
     max_wait_ms: float = 10.0
     max_queue: int = 256
     metrics_port: int | None = None
+    metrics_host: str | None = None  # where /metrics listens; None: the --host address
     store: str | None = None
     max_message_mb: int = 64
     tls_cert: str | None = None
@@ -46,6 +47,7 @@ class ServerConfig:
     log_level: str = "INFO"
     reflection: bool = True
     trust_remote_code: bool = False  # run the custom pipeline code a served model ships (the operator's call)
+    allow_pickle: bool = False  # load pickle (.bin/.ckpt) weights of models stored with --allow-pickle
     dtype: str = "auto"  # auto, float32, float16 or bfloat16
     batching: str = "auto"  # auto, step or request
     adapters: tuple[str, ...] | None = None  # adapters to serve; None: every adapter of a served model
@@ -54,6 +56,8 @@ class ServerConfig:
     max_steps: int = 150
     max_images: int = 16
     max_input_pixels: int = 4096 * 4096
+    max_pixel_steps: int = 2**31  # images x height x width x steps of one request (8 at 1024x1024 x 256 steps)
+    max_prompt_chars: int = 4096  # each prompt, and each text argument of a Call
 
     def __post_init__(self) -> None:
         if not self.tags:
@@ -69,6 +73,8 @@ class ServerConfig:
             "max_steps",
             "max_images",
             "max_input_pixels",
+            "max_pixel_steps",
+            "max_prompt_chars",
         ):
             _check_range(name, getattr(self, name), 1, None)
         if self.max_wait_ms < 0:
@@ -87,8 +93,15 @@ class ServerConfig:
             raise ConfigError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.uds and not os.path.isdir(os.path.dirname(os.path.abspath(self.uds))):
+            raise ConfigError(f"uds {self.uds!r}: its folder does not exist")
         if self.store and not (self.store.startswith("s3://") or os.path.isdir(os.path.expanduser(self.store))):
             raise ConfigError(f"store must be s3://bucket/prefix or a folder, got {self.store!r}")
+
+    @property
+    def metrics_address(self) -> str:
+        """Where /metrics listens: --metrics-host, else the gRPC --host (without brackets)."""
+        return self.metrics_host or self.host.strip("[]")
 
     @property
     def max_message_bytes(self) -> int:

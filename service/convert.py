@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from google.protobuf import json_format
 from PIL import Image
 
 from batching import CallOutput, ItemOutput, StepEvent
@@ -107,16 +106,29 @@ def size_conditioning(message: pb.SizeConditioning) -> SizeConditioning:
 
 
 def call_request(request: pb.CallRequest) -> CallRequest:
-    arguments = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else {}
     return CallRequest(
         model=request.model,
         signature=request.signature,
-        arguments=arguments,
+        arguments=struct(request.arguments) if request.HasField("arguments") else {},
         images={name: image.data for name, image in request.images.items()},
         seed=request.seed if request.HasField("seed") else None,
         output_format=output_format(request.output_format),
         animated_webp=request.animated_webp,
     )
+
+
+def struct(message: Any) -> dict[str, Any]:
+    """A Struct as Python values, kept as sent (NaN and Infinity too: validation names them)."""
+    return {key: struct_value(item) for key, item in message.fields.items()}
+
+
+def struct_value(message: Any) -> Any:
+    kind = message.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct(message.struct_value)
+    if kind == "list_value":
+        return [struct_value(item) for item in message.list_value.values]
+    return None if kind in (None, "null_value") else getattr(message, kind)
 
 
 def output_format(value: int) -> str:

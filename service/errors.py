@@ -60,6 +60,12 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ReplyTooLarge(ServiceError):
+    """The reply would not fit the server's message limit: said before the work, from the sizes asked for."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 _BATCHING_CODES: dict[type[BaseException], grpc.StatusCode] = {
     batching.QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     batching.OutOfMemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -70,21 +76,34 @@ _BATCHING_CODES: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 
+# Error trailers must fit a client's default metadata limit (8 KiB) with room to spare, whatever a request held:
+# messages are cut, and so are the violations listed.
+MAX_MESSAGE = 512
+MAX_FIELD, MAX_DESCRIPTION, MAX_VIOLATIONS = 96, 160, 8
+
+
 def status_for(exc: BaseException) -> grpc.Status:
     """The gRPC status (with rich details) that reports `exc` to the client."""
     code, message, violations = _classify(exc)
-    detail = status_pb2.Status(code=_rpc_code(code), message=message)
+    detail = status_pb2.Status(code=_rpc_code(code), message=cut(message, MAX_MESSAGE))
     if violations:
         request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in violations
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=cut(v.field, MAX_FIELD), description=cut(v.description, MAX_DESCRIPTION)
+                )
+                for v in violations[:MAX_VIOLATIONS]
             ]
         )
         packed = any_pb2.Any()
         packed.Pack(request)
         detail.details.append(packed)
     return rpc_status.to_status(detail)
+
+
+def cut(text: str, limit: int) -> str:
+    """At most `limit` characters, saying when it was cut."""
+    return text if len(text) <= limit else text[: limit - 14] + "... (truncated)"
 
 
 def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, Sequence[FieldViolation]]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 PNG, JPEG, WEBP = "image/png", "image/jpeg", "image/webp"
 _PIL_FORMATS = {PNG: "PNG", JPEG: "JPEG", WEBP: "WEBP"}
@@ -62,11 +62,23 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
             if probe.format not in ("PNG", "JPEG", "WEBP"):
                 raise ImageDecodeError(f"image format {probe.format} is not accepted; send PNG, JPEG or WebP")
             probe.load()
-            return probe.convert("RGB")
+            upright = ImageOps.exif_transpose(probe)  # a phone photo is stored sideways, with an EXIF note
+            return _to_8_bit(upright).convert("RGB")
     except ImageDecodeError:
         raise
     except Exception as exc:  # Pillow raises many kinds for corrupt data
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images (16-bit PNGs) to 8 bits by scale, not by clipping (which turns them white)."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L"):
+        return image
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.uint32)
+    top = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
+    return Image.fromarray((pixels * 255 // top).astype(np.uint8), "L")
 
 
 def read_text_chunks(data: bytes) -> dict[str, str]:

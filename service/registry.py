@@ -13,6 +13,7 @@ from typing import Any
 from model_store import Model, ModelNotFoundError, ModelStore, Signature, Tag, interface
 from model_store.defaults import PipelineDefaults, compatible_schedulers, read_pipeline_defaults
 from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG, Parameters
+from model_store.tags import shown
 from pipelines.adapters import EMBEDDING, Adapter
 
 from .errors import NotFound, Unimplemented
@@ -235,4 +236,4 @@ class ModelRegistry:
             ):
                 return served
         served_tags = ", ".join(m.tag for m in self.models)
-        raise NotFound(f"model {tag!r} is not served here; served: {served_tags}")
+        raise NotFound(f"model {shown(tag)} is not served here; served: {served_tags}")

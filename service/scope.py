@@ -13,7 +13,7 @@ from batching import WorkItem
 class RequestScope:
     request_id: str
     rpc: str
-    model: str = ""
+    model: str = ""  # the served tag once the request's model is resolved; never the client's raw string
     items: list[WorkItem] = field(default_factory=list)
 
     def queue_ms(self) -> float:

@@ -78,9 +78,10 @@ class DiffusionServer:
         self.servicer = DiffusionServicer(self.registry, self.executor, Limits.of(config))
         self.health = health.aio.HealthServicer()
         self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")
+        # Telemetry first (outermost): a call the token check refuses is still logged and counted.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]
         if config.auth_token:
-            interceptors.insert(0, TokenAuthInterceptor(config.auth_token))
+            interceptors.append(TokenAuthInterceptor(config.auth_token))
         self.server = grpc.aio.server(options=config.grpc_options, interceptors=interceptors)
         self._metrics_http: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,6 +94,8 @@ class DiffusionServer:
         model = self.store.get(tag)
         dtype = resolve_dtype(self.config.dtype, model, self.devices[0])
         options = {"trust_remote_code": self.config.trust_remote_code, "torch_dtype": dtype}
+        if self.config.allow_pickle:
+            options["allow_pickle"] = True
         if self.config.compile:
             options["compile"] = True
         return ServedModel.of(model.with_options(**options), self.config.batching)
@@ -124,14 +127,17 @@ class DiffusionServer:
             port = self.server.add_secure_port(address, credentials)
         if self.config.uds:
             _remove_stale_socket(self.config.uds)
-            self.server.add_insecure_port(f"unix:{self.config.uds}")  # local only: file permissions guard it
+            try:
+                self.server.add_insecure_port(f"unix:{self.config.uds}")  # local only: file permissions guard it
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot listen on --uds {self.config.uds}: {exc}") from None
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         if self.config.uds:
             os.chmod(self.config.uds, 0o660)
         if self.config.metrics_port is not None:
-            self._metrics_http = self.metrics.serve_http(self.config.metrics_port)
+            self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_address)
         scheme = "tls" if credentials else "plaintext"
         log.info(
             "listening on %s (%s)%s; loading %s",

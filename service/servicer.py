@@ -20,12 +20,12 @@ import grpc
 
 from batching import Executor, ProgressCallback, StepEvent, WorkItem
 
-from . import convert, scope, validation
+from . import call_validation, convert, scope, validation
 from .domain import CallRequest, TaskRequest
 from .errors import FieldViolation, InvalidArgument, Unavailable, status_for
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
-from .registry import ModelRegistry
+from .registry import ModelRegistry, ServedModel
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
 
     @rpc
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_info(self.registry.resolve(request.model)))
+        return pb.GetModelResponse(model=convert.model_info(self._resolve(request.model)))
 
     # --- streaming -------------------------------------------------------------------------------------------
 
@@ -157,19 +157,28 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def _task(
         self, request: TaskRequest, context: Context, on_progress: ProgressCallback | None
     ) -> convert.TypedResponse:
+        self._resolve(request.model)
         job = await self._off_loop(validation.generation, request, self.registry, self.limits)
         results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
         return await self._off_loop(convert.task_response, job, results)
 
     async def _call(self, request: CallRequest, context: Context, on_progress: ProgressCallback | None) -> Any:
-        job = await self._off_loop(validation.call_job, request, self.registry, self.limits)
+        self._resolve(request.model)
+        job = await self._off_loop(call_validation.call_job, request, self.registry, self.limits)
         (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
         return await self._off_loop(convert.call_response, job, result)
+
+    def _resolve(self, tag: str) -> ServedModel:
+        """The served model a request names; from now on its tag labels the request's metrics and log line."""
+        served = self.registry.resolve(tag)
+        request = scope.get()
+        if request is not None:
+            request.model = served.tag
+        return served
 
     async def _submit_and_wait(self, items: Sequence[WorkItem]) -> list[Any]:
         request = scope.get()
         if request is not None:
-            request.model = items[0].key.model if items else request.model
             request.items.extend(items)
         self.executor.submit(items)
         try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -16,8 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from batching import BatchReport
 
 from . import scope
+from .errors import FieldViolation, InvalidArgument
 from .security import PUBLIC_METHODS
-from .servicer import REQUEST_ID_HEADER
+from .servicer import REQUEST_ID_HEADER, abort
 
 log = logging.getLogger("diffusers_grpc.requests")
 PREFIX = "diffusers_grpc_"
@@ -76,7 +79,7 @@ class Metrics:
             self.batch_size.observe(report.size)
         self.inference.labels(report.model).observe(report.run_seconds)
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> Any:
+    def serve_http(self, port: int, host: str) -> Any:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server
 
@@ -100,39 +103,68 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             return handler
         rpc = method.rsplit("/", 1)[-1]
         metadata = dict(details.invocation_metadata or ())
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with self._observe(rpc, metadata, request, context):
+                    if isinstance(request, Unparsable):
+                        await _refuse(context, request)
                     return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                unary, request_deserializer=parse, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 with self._observe(rpc, metadata, request, context):
+                    if isinstance(request, Unparsable):
+                        await _refuse(context, request)
                     async for response in inner_stream(request, context):
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                stream, request_deserializer=parse, response_serializer=handler.response_serializer
             )
         return handler
 
     def _observe(
         self, rpc: str, metadata: dict[str, Any], request: Any, context: grpc.aio.ServicerContext
     ) -> _Observation:
-        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
-        model = getattr(request, "model", "") or ""
-        return _Observation(self, scope.RequestScope(request_id, rpc, model), request, context)
+        given = str(metadata.get(REQUEST_ID_HEADER) or "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex  # a client's id only if tame
+        return _Observation(self, scope.RequestScope(request_id, rpc), request, context)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+@dataclass(frozen=True)
+class Unparsable:
+    """A request body that is not a valid message (corrupt, or nested deeper than protobuf decodes)."""
+
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The handler's deserializer, returning Unparsable instead of raising: grpc would answer UNKNOWN."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return Unparsable(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: Unparsable) -> None:
+    await abort(context, InvalidArgument.of([FieldViolation("request", f"not a valid message ({request.reason})")]))
 
 
 class _Observation:
@@ -157,15 +189,15 @@ class _Observation:
             self.owner.metrics.in_flight.inc()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
-        scope.current.reset(self.token)
-        self.owner.in_flight -= 1
+        self.owner.in_flight -= 1  # first: nothing below may keep an ended RPC counted
         elapsed = time.perf_counter() - self.started
         code = _code_name(self.context, kind)
         s = self.scope
         metrics = self.owner.metrics
         if metrics:
             metrics.in_flight.dec()
-            metrics.requests.labels(s.model, s.rpc, code).inc()
+            # Labels only take values the server knows: a served tag, or "unknown" (never a client's string).
+            metrics.requests.labels(s.model or "unknown", s.rpc, code).inc()
             metrics.latency.labels(s.rpc).observe(elapsed)
             for item in s.items:
                 if item.trace.started:  # it left the queue (to run, or to join the step engine)
@@ -173,7 +205,7 @@ class _Observation:
         fields: dict[str, Any] = {
             "request_id": s.request_id,
             "rpc": s.rpc,
-            "model": s.model,
+            "model": s.model or "-",
             "code": code,
             "ms": round(elapsed * 1e3, 2),
             "queue_ms": round(s.queue_ms(), 2),
@@ -181,11 +213,15 @@ class _Observation:
             "batch_size": s.batch_size(),
             "images": len(s.items),
         }
-        if log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG
-            fields["prompt"] = getattr(self.request, "prompt", "")
+        if log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG, and cut
+            fields["prompt"] = str(getattr(self.request, "prompt", ""))[:200]
             log.debug(self._format(fields))
         else:
             log.info(self._format(fields))
+        try:
+            scope.current.reset(self.token)
+        except ValueError:  # a cancelled stream ends in another context than it began: nothing left to undo
+            pass
 
     def _format(self, fields: dict[str, Any]) -> str:
         if self.owner.json_logs:
@@ -215,12 +251,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class TextFormatter(logging.Formatter):
+    """One line per message, whatever it holds: control characters (a newline in a client's string) are escaped.
+    A traceback, added after the message, keeps its lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message, args = record.msg, record.args
+        record.msg, record.args = _CONTROL.sub(lambda m: repr(m.group())[1:-1], record.getMessage()), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = message, args
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class PromptFilter(logging.Filter):
+    """Drops library log records that quote a prompt (CLIP's truncation warning): prompts are private, and the
+    client hears of a truncated prompt in its reply's warnings."""
+
+    QUOTES_PROMPT = ("The following part of your input was truncated",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.QUOTES_PROMPT)
+
+
 def configure_logging(log_format: str, level: str) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(PromptFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

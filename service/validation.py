@@ -8,41 +8,72 @@ the parameter defaults of the signature's pipeline (`ServedModel.default`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from model_store.interface import IMG2IMG, INPAINT
+from model_store.tags import shown
 from pipelines.adapters import LORA, Adapter
 
 from . import imaging
 from .config import ServerConfig
-from .domain import CallRequest, Params, TaskRequest
-from .errors import FieldViolation, InvalidArgument, Unimplemented
-from .generation import CallJob, Generation
+from .domain import Params, TaskRequest
+from .errors import FieldViolation, InvalidArgument, ReplyTooLarge
+from .generation import Generation
 from .registry import ModelRegistry, ServedModel
 
 FALLBACK_STEPS = 50  # only for a pipeline whose signature has no default (diffusers' own default)
 FALLBACK_GUIDANCE = 7.5
 MIME_TYPES = {"png": imaging.PNG, "jpeg": imaging.JPEG, "webp": imaging.WEBP}
-# Set by the server from the request's seed and stream: a Call may not pass them.
-RESERVED_CALL_ARGUMENTS = ("generator", "callback_on_step_end", "callback", "return_dict")
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for (the server's configuration); every RPC, Call included, is held to it."""
+
     max_image_size: int
     max_steps: int
     max_images: int
     max_input_pixels: int
+    max_pixel_steps: int = 2**31
+    max_prompt_chars: int = 4096
+    max_message_bytes: int = 64 << 20
 
     @classmethod
     def of(cls, config: ServerConfig) -> Limits:
-        return cls(config.max_image_size, config.max_steps, config.max_images, config.max_input_pixels)
+        return cls(
+            config.max_image_size,
+            config.max_steps,
+            config.max_images,
+            config.max_input_pixels,
+            config.max_pixel_steps,
+            config.max_prompt_chars,
+            config.max_message_bytes,
+        )
+
+    def check_budget(self, images: int, height: int, width: int, steps: int, field: str, bad: Violations) -> None:
+        """The work and the reply a request asks for, before any of it is done: the pixel-steps budget, and a
+        reply that must fit the message limit (PNG at worst a little over the raw pixels)."""
+        pixel_steps = images * height * width * steps
+        if pixel_steps > self.max_pixel_steps:
+            bad.add(
+                field,
+                f"images x height x width x steps = {images} x {height} x {width} x {steps} = {pixel_steps} is over "
+                f"the server's budget of {self.max_pixel_steps} (--max-pixel-steps)",
+            )
+        reply = images * (height * width * 3 * 1.01 + 4096)
+        if reply > self.max_message_bytes and pixel_steps <= self.max_pixel_steps:
+            raise ReplyTooLarge(
+                f"{images} images of {width}x{height} could make a reply of {reply / 2**20:.0f} MiB, over the "
+                f"server's message limit of {self.max_message_bytes / 2**20:.0f} MiB: ask for fewer or smaller images"
+            )
+
+    def check_text(self, text: str | None, field: str, bad: Violations) -> None:
+        if text is not None and len(text) > self.max_prompt_chars:
+            bad.add(field, f"is {len(text)} characters long; the server's limit is {self.max_prompt_chars}")
 
 
 class Violations:
@@ -67,9 +98,9 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
     bad = Violations()
     image = mask = None
     if request.task in (IMG2IMG, INPAINT):
-        image = _image(request.image, "image", limits, bad)
+        image = decoded_image(request.image, "image", limits, bad)
     if request.task == INPAINT:
-        mask = _image(request.mask_image, "mask_image", limits, bad)
+        mask = decoded_image(request.mask_image, "mask_image", limits, bad)
         if image is not None and mask is not None and image.size != mask.size:
             want, got = f"{image.width}x{image.height}", f"{mask.width}x{mask.height}"
             bad.add("mask_image", f"must be the size of image, {want}, got {got}")
@@ -78,6 +109,10 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
     fields.update(_second_texts(request, served, signature.name, bad))
     fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
     fields.update(_control(request, served, limits, fields, bad))
+    for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+        limits.check_text(getattr(request, name), name, bad)
+    images, steps = fields["num_images"], fields["num_inference_steps"]
+    limits.check_budget(images, fields["height"], fields["width"], steps, "params", bad)
     fields["loras"] = _loras(request.params.adapters, served, registry, bad)
     fields["embeddings"] = _embeddings(
         served, request.prompt, request.negative_prompt, request.prompt_2, request.negative_prompt_2
@@ -94,53 +129,6 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
         mask_image=_resized(mask.convert("L") if mask else None, fields),
         warnings=served.prompt_warnings(request.prompt, request.negative_prompt),
         **fields,
-    )
-
-
-def call_job(request: CallRequest, registry: ModelRegistry, limits: Limits) -> CallJob:
-    served = registry.resolve(request.model)
-    signatures = served.model.signatures
-    if request.signature not in signatures:
-        names = ", ".join(sorted(signatures))
-        raise Unimplemented(f"model {served.tag} has no signature {request.signature!r}; its signatures: {names}")
-    signature = signatures[request.signature]
-    parameters = served.parameters.get(signature.name)
-    bad = Violations()
-    checked = {}
-    for name, value in request.arguments.items():
-        field = f"arguments.{name}"
-        if name in RESERVED_CALL_ARGUMENTS:
-            bad.add(field, "is set by the server (use `seed` for the generator)")
-            continue
-        if parameters is not None and name not in parameters:
-            bad.add(field, f"{signature.name} has no argument {name!r}")
-            continue
-        try:
-            checked[name] = coerce(value, parameters.get(name) if parameters else None)
-        except TypeError as exc:
-            bad.add(field, str(exc))
-    images = {}
-    for name, data in request.images.items():
-        field = f"images[{name}]"
-        if parameters is not None and name not in parameters:
-            bad.add(field, f"{signature.name} has no argument {name!r}")
-            continue
-        if name in checked:
-            bad.add(field, f"{name!r} is also given in arguments")
-            continue
-        decoded = _image(data, field, limits, bad)
-        if decoded is not None:
-            images[name] = decoded
-    mime_type = _mime_type(request.output_format, "output_format", bad)
-    bad.raise_if_any()
-    return CallJob(
-        served=served,
-        signature=signature,
-        arguments=checked,
-        images=images,
-        seed=request.seed if request.seed is not None else secrets.randbits(63),
-        mime_type=mime_type,
-        animated_webp=request.animated_webp,
     )
 
 
@@ -199,7 +187,7 @@ def _params(
         "num_images": num_images,
         "scheduler": params.scheduler,
         "eta": params.eta,
-        "mime_type": _mime_type(params.output_format, "params.output_format", bad),
+        "mime_type": mime_type_of(params.output_format, "params.output_format", bad),
         "quality": params.quality,
     }
 
@@ -272,7 +260,7 @@ def _control(
             f"{served.tag} has {nets} ControlNet(s): send {nets} image(s), got {len(request.control_images)}",
         )
     images = tuple(
-        _resized(_image(data, f"control_images[{i}]", limits, bad), fields)
+        _resized(decoded_image(data, f"control_images[{i}]", limits, bad), fields)
         for i, data in enumerate(request.control_images)
     )
     scales = params.control_scales
@@ -310,15 +298,15 @@ def _loras(
         field = f"params.adapters[{index}]"
         adapter = served.adapters.get(name)
         if name in seen:
-            bad.add(f"{field}.name", f"{_shown(name)} is named twice")
+            bad.add(f"{field}.name", f"{shown(name)} is named twice")
         elif adapter is None and name in registry.other_bases:
             bad.add(
                 f"{field}.name",
-                f"{_shown(name)} is an adapter for {registry.other_bases[name]}, not {served.model.name}",
+                f"{shown(name)} is an adapter for {registry.other_bases[name]}, not {served.model.name}",
             )
         elif adapter is None:
             known = ", ".join(a.name for a in served.adapters.all() if a.kind == LORA) or "none"
-            bad.add(f"{field}.name", f"{_shown(name)} is not an adapter of {served.model.name}; its adapters: {known}")
+            bad.add(f"{field}.name", f"{shown(name)} is not an adapter of {served.model.name}; its adapters: {known}")
         elif adapter.kind != LORA:
             bad.add(f"{field}.name", f"{name} is an embedding: use its token {adapter.token} in the prompt")
         if not (math.isfinite(weight) and -MAX_ADAPTER_WEIGHT <= weight <= MAX_ADAPTER_WEIGHT):
@@ -341,12 +329,7 @@ def _embeddings(served: ServedModel, *texts: str | None) -> tuple[Adapter, ...]:
     )
 
 
-def _shown(name: str, limit: int = 64) -> str:
-    """A client's string, quoted and cut, for a message: never echoed in full."""
-    return repr(name if len(name) <= limit else name[:limit] + "...")
-
-
-def _mime_type(output_format: str, field: str, bad: Violations) -> str:
+def mime_type_of(output_format: str, field: str, bad: Violations) -> str:
     if output_format not in MIME_TYPES:
         bad.add(field, f"unknown output format {output_format.lstrip('#')}")
         return imaging.PNG
@@ -372,7 +355,7 @@ def _strength(request: TaskRequest, served: ServedModel, signature: str, steps: 
     return effective
 
 
-def _image(data: bytes | None, field: str, limits: Limits, bad: Violations) -> Any:
+def decoded_image(data: bytes | None, field: str, limits: Limits, bad: Violations) -> Any:
     """Decode an input image (None, with a violation, when it is missing or bad)."""
     if not data:
         bad.add(field, "is required: image data is empty")
@@ -390,62 +373,3 @@ def _resized(image: Any, fields: dict[str, Any]) -> Any:
         return None
     size = (fields["width"], fields["height"])
     return image if image.size == size else image.resize(size, imaging.RESAMPLE)
-
-
-def coerce(value: Any, parameter: inspect.Parameter | None) -> Any:
-    """Check a Struct value against a method parameter; integral numbers become ints where ints are expected.
-
-    Struct numbers are all doubles, so `4.0` for `num_inference_steps: int` is accepted as 4; a string where a
-    number is expected is refused. Parameters with no usable annotation or default accept any JSON value.
-    """
-    expected = _expected_types(parameter)
-    if not expected or value is None:
-        return value
-    if isinstance(value, bool):
-        if bool in expected:
-            return value
-    elif isinstance(value, float):
-        if int in expected and value.is_integer():
-            return int(value)
-        if float in expected:
-            return value
-    elif isinstance(value, list) and tuple in expected and list not in expected:
-        # JSON has no tuple (SDXL's sizes are tuple[int, int]) and Struct numbers are doubles.
-        return tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in value)
-    elif type(value) in expected:
-        return value
-    wanted = " or ".join(sorted(t.__name__ for t in expected))
-    raise TypeError(f"must be {wanted}, got {type(value).__name__} {value!r}")
-
-
-_TYPE_WORDS = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
-    "list": list,
-    "List": list,
-    "tuple": tuple,
-    "Tuple": tuple,
-    "dict": dict,
-    "Dict": dict,
-}
-
-
-def _expected_types(parameter: inspect.Parameter | None) -> set[type]:
-    """Types a JSON value may have for this parameter; empty when it cannot be told (anything goes)."""
-    if parameter is None:
-        return set()
-    annotation = parameter.annotation
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
-    if annotation is inspect.Parameter.empty:
-        default = parameter.default
-        kind = type(default)
-        return {kind} if kind in (int, float, str, bool) else set()
-    words = set(re.findall(r"\w+", text))  # the names in an annotation such as "int | list[str] | None"
-    if words & {"Any", "Tensor", "Image", "ndarray", "PipelineImageInput", "Callable", "object"}:
-        return set()
-    types = {t for w, t in _TYPE_WORDS.items() if w in words}
-    if float in types:
-        types.add(int)  # a float parameter takes integral numbers too
-    return types

@@ -64,6 +64,11 @@ def register(commands: Any) -> None:
     importer.add_argument("--version", help="pin the version instead of generating one")
     importer.add_argument("--custom-pipeline", help="a local .py file whose DiffusionPipeline subclass is used")
     importer.add_argument("--trust-remote-code", action="store_true", help="allow --custom-pipeline code to run")
+    importer.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept .bin/.ckpt weights with no safetensors (pickle can run code)",
+    )
     importer.add_argument("--json", action="store_true", help="machine-readable output")
     importer.set_defaults(run=import_model)
 
@@ -94,6 +99,9 @@ def register(commands: Any) -> None:
     archive.add_argument("--overwrite", action="store_true", help="replace the model if its tag exists")
     archive.add_argument(
         "--trust-remote-code", action="store_true", help="accept an archive whose model ships custom pipeline code"
+    )
+    archive.add_argument(
+        "--max-size-gb", type=float, default=64.0, help="refuse an archive that unpacks to more (default 64)"
     )
     archive.set_defaults(run=import_archive)
 
@@ -174,6 +182,7 @@ def import_model(args: argparse.Namespace) -> int:
             version=args.version,
             custom_pipeline=args.custom_pipeline,
             trust_remote_code=args.trust_remote_code,
+            allow_pickle=args.allow_pickle,
         )
     )
     if args.json:
@@ -225,7 +234,13 @@ def import_archive(args: argparse.Namespace) -> int:
     from model_store.archive import import_archive as load
 
     model = _store_call(
-        lambda: load(ModelStore(), args.src, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+        lambda: load(
+            ModelStore(),
+            args.src,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+            max_bytes=int(args.max_size_gb * 2**30),
+        )
     )
     print(f"imported {model.tag} from {args.src}")
     return 0

@@ -30,6 +30,7 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-wait-ms", "max_wait_ms", float, "longest a partial batch may wait for company (default 10)"),
     ("--max-queue", "max_queue", int, "most queued images before RESOURCE_EXHAUSTED (default 256)"),
     ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics on this port"),
+    ("--metrics-host", "metrics_host", str, "address /metrics listens on (default: the --host address)"),
     ("--store", "store", str, "model store: a folder or s3://bucket/prefix (default $DIFFUSERS_GRPC_HOME)"),
     ("--max-message-mb", "max_message_mb", int, "largest gRPC message in MiB, both directions (default 64)"),
     ("--tls-cert", "tls_cert", str, "PEM certificate chain: serve TLS"),
@@ -47,6 +48,13 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-image-size", "max_image_size", int, "largest height/width a request may ask for (default 2048)"),
     ("--max-steps", "max_steps", int, "most inference steps a request may ask for (default 150)"),
     ("--max-images", "max_images", int, "most images per request (default 16)"),
+    (
+        "--max-pixel-steps",
+        "max_pixel_steps",
+        int,
+        "most images x height x width x steps one request may ask for (default 2^31: 8 images at 1024x1024, 256 steps)",
+    ),
+    ("--max-prompt-chars", "max_prompt_chars", int, "longest prompt, and text argument of a Call (default 4096)"),
     (
         "--batching",
         "batching",
@@ -100,6 +108,13 @@ def register(commands: Any) -> None:
         default=None,
         help="torch.compile each model's denoiser and warm it before readiness; CUDA only "
         f"[env {env_name('compile')}=true]",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        dest="allow_pickle",
+        action="store_true",
+        default=None,
+        help=f"load pickle (.bin) weights, which can run code [env {env_name('allow_pickle')}=true]",
     )
     parser.add_argument(
         "--trust-remote-code",

@@ -100,3 +100,265 @@ def test_serve_refuses_untrusted_code_before_opening_a_port(store, tmp_path):
     assert result.returncode == 1
     assert "evil:v1" in result.stderr and "--trust-remote-code" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
+
+
+# --- the rest of the probe's findings, each with its regression test ---------------------------------------------
+
+import io  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import urllib.request  # noqa: E402
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from grpc_health.v1 import health_pb2  # noqa: E402
+from helpers import bad_request_fields, health_status, wait_for  # noqa: E402
+from inprocess import running_server  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from service.client import DiffusionClient  # noqa: E402
+from service.generated.diffusion.v1 import diffusion_pb2 as pb  # noqa: E402
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def served(store, metrics_port):
+    with running_server(store, max_images=4, max_image_size=512, metrics_port=metrics_port) as (server, target):
+        yield server, target
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with DiffusionClient(served[1]) as c:
+        yield c
+
+
+def refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def call_with(client, arguments: dict, **kw) -> grpc.RpcError:
+    return refused(lambda: client.call("__call__", {"prompt": "x", "num_inference_steps": 1, **arguments}, **kw))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"num_images_per_prompt": 10000}, "arguments.num_images_per_prompt"),
+        ({"height": 100000}, "arguments.height"),
+        ({"num_inference_steps": 0}, "arguments.num_inference_steps"),
+        ({"latents": [[0.0]]}, "arguments.latents"),
+        ({"eta": float("nan")}, "arguments.eta"),
+        ({"sigmas": [float("inf")]}, "arguments.sigmas"),
+    ],
+)
+def test_call_is_held_to_the_server_limits_and_refuses_what_json_cannot_be(served, client, arguments, field):
+    error = call_with(client, arguments)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in bad_request_fields(error)
+    assert health_status(served[1]) == SERVING
+
+
+@pytest.mark.parametrize("arguments", [{"clip_skip": 1000}, {"clip_skip": 0}, {"cross_attention_kwargs": []}])
+def test_call_arguments_the_pipeline_rejects_are_invalid_argument_not_internal(served, client, arguments):
+    error = call_with(client, arguments)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert health_status(served[1]) == SERVING
+
+
+def test_a_huge_float_argument_stays_a_float(client):
+    """1e308 was turned into an int, and the scheduler's arithmetic overflowed (INTERNAL): now it runs."""
+    assert client.call("__call__", {"prompt": "x", "num_inference_steps": 1, "eta": 1e308}).images
+
+
+def test_call_with_an_image_argument_the_model_cannot_use_is_invalid_argument(client):
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    error = refused(lambda: client.call("__call__", {"prompt": "x"}, images={"ip_adapter_image": png.getvalue()}))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _length_delimited(tag: int, payload: bytes) -> bytes:
+    size, length = b"", len(payload)
+    while True:
+        size += bytes([(length & 0x7F) | (0x80 if length > 0x7F else 0)])
+        length >>= 7
+        if not length:
+            return bytes([tag]) + size + payload
+
+
+def test_a_struct_nested_deeper_than_protobuf_decodes_is_invalid_argument(served):
+    """Written in the wire format by hand: the protobuf library itself refuses to build this message."""
+    value = _length_delimited(0x1A, b"leaf")  # Value.string_value
+    for _ in range(60):
+        value = _length_delimited(0x32, _length_delimited(0x0A, value))  # Value.list_value(ListValue.values)
+    entry = _length_delimited(0x0A, _length_delimited(0x0A, b"deep") + _length_delimited(0x12, value))
+    body = _length_delimited(0x12, b"__call__") + _length_delimited(0x1A, entry)  # signature, arguments
+    with grpc.insecure_channel(served[1]) as channel:
+        call = channel.unary_unary("/diffusion.v1.DiffusionService/Call")
+        error = refused(lambda: call(body, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with grpc.insecure_channel(served[1]) as channel:
+        garbage = refused(
+            lambda: channel.unary_unary("/diffusion.v1.DiffusionService/TextToImage")(b"\xff\xff", timeout=30)
+        )
+    assert garbage.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_invented_model_names_never_become_metric_labels_or_long_messages(served, client, metrics_port):
+    names = [f"invented-{i}" for i in range(20)] + ["x" * 100_000, "bad\nname"]
+    for name in names:
+        error = refused(lambda name=name: client.stub.GetModel(pb.GetModelRequest(model=name), timeout=30))
+        assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert len(error.details()) < 600
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    labels = {line.split('model="')[1].split('"')[0] for line in text.splitlines() if 'model="' in line}
+    assert labels <= {"unknown", served[0].registry.default.tag}
+
+
+def test_prompts_have_a_limit_and_are_never_echoed(client):
+    error = refused(lambda: client.text_to_image("x" * 3_000_000, steps=1))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in bad_request_fields(error)
+    assert len(error.details()) < 600
+
+
+def test_logs_escape_control_characters_and_drop_prompt_quotes():
+    from service.telemetry import PromptFilter, TextFormatter
+
+    line = TextFormatter("%(message)s").format(logging.LogRecord("x", 20, "", 0, "model=%s", ("a\nforged line",), None))
+    assert "\n" not in line and "a\\nforged line" in line
+    quoted = logging.LogRecord(
+        "diffusers", 30, "", 0, "The following part of your input was truncated: %s", ("secret",), None
+    )
+    assert not PromptFilter().filter(quoted)
+
+
+def test_an_rpc_that_ends_in_another_context_is_still_counted_out():
+    """A cancelled stream's generator can be finalised in a new task, so the request scope's context variable
+    cannot be reset there: the RPC must still leave the in-flight count (it leaked, and every drain then
+    waited its whole grace period)."""
+    import contextvars
+    from unittest import mock
+
+    from service.telemetry import Metrics, TelemetryInterceptor
+
+    telemetry = TelemetryInterceptor(Metrics(), json_logs=False)
+    context = mock.Mock(code=lambda: None)
+    observation = telemetry._observe("Stream", {}, pb.StreamRequest(), context)
+    contextvars.copy_context().run(observation.__enter__)  # begun in one context...
+    assert telemetry.in_flight == 1
+    observation.__exit__(None, None, None)  # ...ended in another
+    assert telemetry.in_flight == 0
+    assert telemetry.metrics.in_flight._value.get() == 0
+
+
+def test_cancelled_streams_leave_no_request_counted_in_flight(served, client):
+    server, _ = served
+    for seed in range(12):
+        request = pb.TextToImageRequest(prompt="x", params=pb.GenerationParams(seed=seed, num_inference_steps=40))
+        stream = client.stub.Stream(pb.StreamRequest(text_to_image=request), timeout=60)
+        assert next(stream).WhichOneof("event") == "progress"
+        stream.cancel()
+    wait_for(lambda: server.telemetry.in_flight == 0, what="every cancelled stream to be counted out")
+
+
+def test_the_pixel_budget_and_the_reply_size_are_checked_before_any_work(store):
+    with running_server(store, max_pixel_steps=600_000, max_message_mb=1) as (server, target):
+        with DiffusionClient(target) as client:
+            budget = refused(lambda: client.text_to_image("x", steps=150))  # 64 x 64 x 150 = 614,400
+            assert budget.code() == grpc.StatusCode.INVALID_ARGUMENT and "params" in bad_request_fields(budget)
+            reply = refused(lambda: client.text_to_image("x", steps=1, width=512, height=512, num_images=2))
+            assert reply.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in reply.details()
+        assert server.stats.sizes == {}  # nothing ran
+
+
+def test_refused_unauthenticated_calls_are_logged_and_counted(store, caplog):
+    caplog.set_level(logging.INFO, logger="diffusers_grpc.requests")
+    port = free_port()
+    with running_server(store, auth_token="s3cret", metrics_port=port) as (_, target), DiffusionClient(target) as c:
+        assert refused(lambda: c.list_models(timeout=30)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+        def counted():
+            return "UNAUTHENTICATED" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+        wait_for(counted, what="the refused call to be counted")
+    assert any("code=UNAUTHENTICATED" in r.getMessage() for r in caplog.records if r.name == "diffusers_grpc.requests")
+
+
+def test_metrics_listen_on_the_server_host_unless_told_otherwise(served):
+    address = served[0]._metrics_http.server_address[0]
+    assert address == "127.0.0.1"
+
+
+def test_sixteen_bit_and_rotated_images_decode_as_they_look():
+    from service import imaging
+
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    data = io.BytesIO()
+    Image.fromarray(ramp).save(data, format="PNG")
+    decoded = np.asarray(imaging.decode(data.getvalue(), max_pixels=10**6))
+    assert decoded.min() == 0 and decoded.max() == 255 and math.isclose(decoded.mean(), 127.5, abs_tol=1)
+    sideways = Image.new("RGB", (40, 20))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # stored rotated; the camera says to turn it
+    data = io.BytesIO()
+    sideways.save(data, format="JPEG", exif=exif)
+    assert imaging.decode(data.getvalue(), max_pixels=10**6).size == (20, 40)
+
+
+def test_an_archive_that_would_unpack_into_gigabytes_is_refused_before_writing(store, tmp_path):
+    import tarfile
+
+    from model_store import StoreError
+
+    manifest = yaml.safe_dump(
+        {
+            "name": "bomb",
+            "version": "v1",
+            "created": "",
+            "pipeline_class": "X",
+            "signatures": {},
+            "files": {"zeros.bin": {"sha256": "0" * 64, "size": 4 << 30}},
+        }
+    ).encode()
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        head = tarfile.TarInfo("model.yaml")
+        head.size = len(manifest)
+        tar.addfile(head, io.BytesIO(manifest))
+    target = ModelStore(tmp_path / "target")
+    with pytest.raises(StoreError, match="over the limit"):
+        import_archive(target, path, max_bytes=1 << 30)
+    assert not any((tmp_path / "target" / ".tmp").iterdir())
+
+
+def test_pickle_weights_are_refused_at_import_without_allow_pickle(store, tmp_path):
+    from model_store import StoreError
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(store.get("tiny-sd").path, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
+    target = ModelStore(tmp_path / "target")
+    with pytest.raises(StoreError, match="pickle weights"):
+        target.import_model("pickled", folder)
+    assert target.list_models() == []
+
+
+def test_a_bad_uds_path_exits_2_with_a_message(tmp_path):
+    result = subprocess.run(
+        cli("serve", "tiny-sd", "--uds", str(tmp_path / "no" / "such" / "dir" / "grpc.sock")),
+        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "uds" in result.stderr and "Traceback" not in result.stderr

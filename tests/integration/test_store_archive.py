@@ -8,6 +8,7 @@ import subprocess
 import tarfile
 
 import pytest
+import yaml
 from helpers import ROOT, cli
 
 from model_store import IntegrityError, ModelStore, StoreError
@@ -60,8 +61,15 @@ def test_a_flipped_byte_is_refused(source, tmp_path):
 
 
 def _hostile(tmp_path, name, kind=tarfile.REGTYPE, linkname=""):
+    """A well-formed start (a model.yaml listing nothing), then the hostile member."""
     path = tmp_path / f"hostile-{abs(hash(name))}.tar.gz"
+    manifest = yaml.safe_dump(
+        {"name": "h", "version": "v1", "created": "", "pipeline_class": "X", "signatures": {}, "files": {}}
+    ).encode()
     with tarfile.open(path, "w:gz") as tar:
+        head = tarfile.TarInfo("model.yaml")
+        head.size = len(manifest)
+        tar.addfile(head, io.BytesIO(manifest))
         info = tarfile.TarInfo(name)
         info.type = kind
         info.linkname = linkname
