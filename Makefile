@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit lint protos check-protos bench clean
+.PHONY: install demo test unit lint protos check-protos bench soak clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -48,6 +48,10 @@ check-protos: $(STAMP)
 
 bench: install
 	$(PY) bench/run.py
+
+# A 10-minute mixed, partly hostile load on a real server, failing on leaks or bad statuses (SOAK_SECONDS, SOAK_CONCURRENCY).
+soak: install
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .diffusers-grpc-home demo.png bench/results

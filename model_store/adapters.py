@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreError
+from .files import PICKLE_WEIGHTS
 from .model import Model
 from .store import ModelStore
 
 LORA, EMBEDDING = "lora", "embedding"
 SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Tokens are matched anywhere in a prompt, even inside words ("cat" in "category"): require a delimited form.
 TOKEN = re.compile(r"<[A-Za-z0-9][A-Za-z0-9._-]{0,62}>")
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pt"]
@@ -109,18 +109,18 @@ def _weights_file(source: str | os.PathLike[str], allow_pickle: bool) -> Path:
     if not path.exists():
         path = _from_hub(str(source))
     if path.is_dir():
-        candidates = sorted(p for p in path.iterdir() if p.suffix in SAFE_SUFFIXES + PICKLE_SUFFIXES)
+        candidates = sorted(p for p in path.iterdir() if p.suffix in SAFE_SUFFIXES + PICKLE_WEIGHTS)
         safe = [p for p in candidates if p.suffix in SAFE_SUFFIXES]
         chosen = safe or (candidates if allow_pickle else [])
         if len(chosen) != 1:
             found = ", ".join(p.name for p in candidates) or "none"
             raise StoreError(f"{source}: expected one weights file (.safetensors), found {found}")
         path = chosen[0]
-    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+    if path.suffix in PICKLE_WEIGHTS and not allow_pickle:
         raise StoreError(
             f"{path.name} is a pickle file, which can run code when loaded: pass --allow-pickle to accept it"
         )
-    if path.suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+    if path.suffix not in SAFE_SUFFIXES + PICKLE_WEIGHTS:
         raise StoreError(f"{path.name}: adapter weights must be .safetensors (or, with --allow-pickle, .bin/.pt)")
     return path
 

@@ -55,9 +55,11 @@ def params(
     control_scales: Sequence[float] = (),
     control_guidance_start: float | None = None,
     control_guidance_end: float | None = None,
+    adapters: Mapping[str, float] | None = None,
 ) -> pb.GenerationParams:
     """GenerationParams with only the given fields set (absent ones mean the model's default). `size_conditioning`
-    takes SizeConditioning's field names: original_height, original_width, crop_top, crop_left, target_*."""
+    takes SizeConditioning's field names: original_height, original_width, crop_top, crop_left, target_*;
+    `adapters` maps LoRA names (ModelInfo.adapters) to their weights."""
     fmt = FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format
     message = pb.GenerationParams(
         num_images=num_images,
@@ -65,6 +67,7 @@ def params(
         output_format=fmt,  # type: ignore[arg-type]
         size_conditioning=pb.SizeConditioning(**(size_conditioning or {})),
         control_scales=list(control_scales),
+        adapters=[pb.Adapter(name=name, weight=weight) for name, weight in (adapters or {}).items()],
     )
     optional = {
         "seed": seed,

@@ -200,7 +200,9 @@ class DiffusionServer:
         # new calls get UNAVAILABLE from the servicer, the executor finishes what is queued and running within
         # `grace` and then fails the rest with UNAVAILABLE, and we wait for the handlers to send their answers.
         deadline = time.monotonic() + grace
-        await asyncio.to_thread(self.executor.shutdown, grace)
+        while self.servicer.admitting > 0 and time.monotonic() < deadline:  # accepted calls queue their work
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(self.executor.shutdown, max(0.0, deadline - time.monotonic()))
         while self.telemetry.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(1.0)

@@ -8,12 +8,14 @@ and output encoding run on a small thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -45,9 +47,9 @@ def rpc(method: Method) -> Method:
         @functools.wraps(method)
         async def streaming(self: DiffusionServicer, request: Any, context: Context) -> AsyncIterator[Any]:
             try:
-                self.check_accepting()
-                async for event in method(self, request, context):
-                    yield event
+                with self.admit():
+                    async for event in method(self, request, context):
+                        yield event
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
@@ -58,8 +60,8 @@ def rpc(method: Method) -> Method:
     @functools.wraps(method)
     async def unary(self: DiffusionServicer, request: Any, context: Context) -> Any:
         try:
-            self.check_accepting()
-            return await method(self, request, context)
+            with self.admit():
+                return await method(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
@@ -75,7 +77,39 @@ async def abort(context: Context, exc: BaseException) -> None:
     trailing = tuple(status.trailing_metadata)
     if request is not None:  # abort replaces trailing metadata: keep the request id the interceptor echoes
         trailing += ((REQUEST_ID_HEADER, request.request_id),)
-    await context.abort(status.code, status.details, trailing)
+    try:
+        await context.abort(status.code, status.details, trailing)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        if not _ended(context):
+            raise
+        # The call ended before its status could be sent (its deadline passed as the work failed with the same
+        # reason, or the client left): the client has its answer; grpc would log this race as an ERROR.
+        context.set_code(status.code)  # what the request log and metrics report
+        raise asyncio.CancelledError("the call ended before its status was sent") from exc
+
+
+def _ended(context: Context) -> bool:
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
+class _Admitted:
+    """A call the server accepted whose work is not queued yet (it is being validated)."""
+
+    def __init__(self, servicer: DiffusionServicer) -> None:
+        self._servicer: DiffusionServicer | None = servicer
+        servicer.admitting += 1
+
+    def settle(self) -> None:
+        """Its work is queued, or the call ended without any: a drain need no longer wait for it."""
+        if self._servicer is not None:
+            self._servicer.admitting -= 1
+            self._servicer = None
+
+
+_admitted: ContextVar[_Admitted | None] = ContextVar("admitted", default=None)
 
 
 class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
@@ -84,6 +118,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         self.executor = executor
         self.limits = limits
         self.accepting = False  # set by the server once the models are warm
+        self.admitting = 0  # accepted calls whose work is not queued yet: a drain lets them queue it first
         self._encoder = ThreadPoolExecutor(encode_threads, thread_name_prefix="codec")
 
     def close(self) -> None:
@@ -92,6 +127,22 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     def check_accepting(self) -> None:
         if not self.accepting:
             raise Unavailable("the server is not ready or is shutting down")
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Accept a call, and count it in `admitting` until its work is queued or it ends.
+
+        Without the count, a drain beginning while an accepted call is still validating would close the queue
+        under it, and the call would fail with UNAVAILABLE although the server had taken it. The event loop
+        runs this, so the check and the count happen together.
+        """
+        self.check_accepting()
+        admitted = _Admitted(self)
+        _admitted.set(admitted)  # each call runs in its own task (and context); Stream's inner task copies it
+        try:
+            yield
+        finally:
+            admitted.settle()
 
     # --- unary -----------------------------------------------------------------------------------------------
 
@@ -180,7 +231,12 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         request = scope.get()
         if request is not None:
             request.items.extend(items)
-        self.executor.submit(items)
+        try:
+            self.executor.submit(items)
+        finally:
+            admitted = _admitted.get()
+            if admitted is not None:
+                admitted.settle()
         try:
             return list(await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items)))
         finally:

@@ -3,6 +3,7 @@ batch reports. Each server has its own CollectorRegistry, so several can run in 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -243,7 +244,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if message.startswith("{"):
+        if record.name == log.name and message.startswith("{"):  # a request line, JSON already
             return message
         data = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": message}
         if record.exc_info:
@@ -278,6 +279,8 @@ class PromptFilter(logging.Filter):
 
 
 def configure_logging(log_format: str, level: str) -> None:
+    """One handler for every line the server writes: ours, the libraries' and Python warnings alike, so each is
+    formatted (text or JSON), escaped, and stripped of prompt quotes."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -287,3 +290,21 @@ def configure_logging(log_format: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    for library in LIBRARY_LOGGING:
+        _route_to_root(library)
+
+
+LIBRARY_LOGGING = ("diffusers.utils.logging", "transformers.utils.logging")
+
+
+def _route_to_root(module_name: str) -> None:
+    """diffusers and transformers write through handlers of their own (unformatted, unfiltered: CLIP's truncation
+    warning quoted whole prompts into the log), and draw progress bars: send their records to ours instead."""
+    try:
+        library = importlib.import_module(module_name)
+    except ImportError:
+        return
+    library.disable_default_handler()
+    library.enable_propagation()
+    library.disable_progress_bar()

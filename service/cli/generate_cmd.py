@@ -38,6 +38,13 @@ def register(commands: Any) -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[:WEIGHT]",
+        help="apply a LoRA stored for the model (ModelInfo.adapters) at WEIGHT (default 1); repeatable",
+    )
     parser.add_argument("--scheduler", default="", help="a scheduler class name listed by the server's GetModel")
     parser.add_argument("--format", default="png", choices=("png", "jpeg", "webp"), help="output format")
     parser.add_argument("--quality", type=int, help="JPEG/WebP quality 1-100")
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         output_format=args.format,
         quality=args.quality,
+        adapters=dict(_lora(text) for text in args.lora),
     )
     common = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "params": settings}
     request: Any
@@ -124,6 +132,14 @@ def _stream_with_bar(client: Any, request: Any, timeout: float) -> Any:
     if result is None:
         raise CliError("the stream ended without a result")
     return result
+
+
+def _lora(text: str) -> tuple[str, float]:
+    name, _, weight = text.partition(":")
+    try:
+        return name, float(weight) if weight else 1.0
+    except ValueError:
+        raise CliError(f"--lora {text!r}: the weight must be a number, as in NAME:0.8") from None
 
 
 def _read(path: Path) -> bytes:

@@ -162,3 +162,19 @@ def test_generate_cli_reports_bad_input_clearly(target):
     )
     assert result.returncode == 1
     assert "INVALID_ARGUMENT" in result.stderr and "params.height" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("lora", "says"),
+    [("unknown-style:0.5", "params.adapters[0].name"), ("style:strong", "the weight must be a number")],
+)
+def test_generate_cli_sends_loras_by_name_and_weight(target, lora, says):
+    result = subprocess.run(
+        cli("generate", "x", "--target", target, "--steps", "2", "--lora", lora),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert says in result.stderr

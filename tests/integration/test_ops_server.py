@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from helpers import READINESS, free_port, health_status, wait_for
 from inprocess import running_server
 
+from service import servicer as servicer_module
 from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
 from service.workers import backend_factory
@@ -258,6 +259,26 @@ def test_drain_keeps_liveness_serving_and_finishes_in_flight_work(store):
         assert health_status(target, "") == SERVING
         rest = list(events)
         assert rest[-1].WhichOneof("event") == "text_to_image"  # finished, not cancelled
+        stopping.result(timeout=120)
+
+
+def test_a_call_accepted_before_a_drain_is_served_even_if_it_was_still_validating(store, monkeypatch):
+    validating, release = threading.Event(), threading.Event()
+    validate = servicer_module.validation.generation
+
+    def slow_validation(*args):
+        validating.set()
+        release.wait(60)
+        return validate(*args)
+
+    with running_server(store) as (server, target), DiffusionClient(target) as client:
+        monkeypatch.setattr(servicer_module.validation, "generation", slow_validation)  # after the warm-up
+        call = client.stub.TextToImage.future(request(seed=4), timeout=120)
+        assert validating.wait(60)
+        stopping = server.loop_thread.run_async(server.stop(grace=60))
+        wait_for(lambda: health_status(target, READINESS) == NOT_SERVING, what="readiness turning off")
+        release.set()
+        assert call.result(timeout=120).images  # not UNAVAILABLE: the queue stayed open until it was queued
         stopping.result(timeout=120)
 
 

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+import logging
+import math
 import os
 import shutil
 import subprocess
 import tarfile
+import urllib.request
 from pathlib import Path
+from unittest import mock
 
+import grpc
+import numpy as np
 import pytest
 import yaml
-from helpers import ROOT, cli, free_port
+from grpc_health.v1 import health_pb2
+from helpers import ROOT, bad_request_fields, cli, free_port, health_status, wait_for
+from inprocess import running_server
+from PIL import Image
 
 from model_store import IntegrityError, ModelStore, UntrustedCodeError
 from model_store.archive import import_archive
 from model_store.files import sha256_file
+from service.client import DiffusionClient
+from service.generated.diffusion.v1 import diffusion_pb2 as pb
 
 # Custom code that leaves a marker file when Python imports it: if the marker exists, the code ran.
 EVIL = """
@@ -103,21 +117,6 @@ def test_serve_refuses_untrusted_code_before_opening_a_port(store, tmp_path):
 
 
 # --- the rest of the probe's findings, each with its regression test ---------------------------------------------
-
-import io  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import urllib.request  # noqa: E402
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from grpc_health.v1 import health_pb2  # noqa: E402
-from helpers import bad_request_fields, health_status, wait_for  # noqa: E402
-from inprocess import running_server  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from service.client import DiffusionClient  # noqa: E402
-from service.generated.diffusion.v1 import diffusion_pb2 as pb  # noqa: E402
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -230,15 +229,77 @@ def test_prompts_have_a_limit_and_are_never_echoed(client):
     assert len(error.details()) < 600
 
 
-def test_logs_escape_control_characters_and_drop_prompt_quotes():
-    from service.telemetry import PromptFilter, TextFormatter
+def test_logs_escape_control_characters():
+    from service.telemetry import TextFormatter
 
     line = TextFormatter("%(message)s").format(logging.LogRecord("x", 20, "", 0, "model=%s", ("a\nforged line",), None))
     assert "\n" not in line and "a\\nforged line" in line
-    quoted = logging.LogRecord(
-        "diffusers", 30, "", 0, "The following part of your input was truncated: %s", ("secret",), None
-    )
-    assert not PromptFilter().filter(quoted)
+
+
+@pytest.fixture
+def server_logging():
+    """The server's logging set up as `serve` does, its one handler writing to a buffer; undone afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from service.telemetry import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    configure_logging("json", "INFO")
+    written = io.StringIO()
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(written)
+    yield written.getvalue
+    root.handlers[:], root.level = saved
+    logging.captureWarnings(False)
+    for library in (diffusers_logging, transformers_logging):
+        library.enable_default_handler()
+        library.disable_propagation()
+        library.enable_progress_bar()
+
+
+def test_a_pipeline_truncating_a_long_prompt_never_writes_it_to_the_log(server_logging):
+    """CLIP's truncation warning quotes the prompt, through diffusers' own handler: it wrote whole prompts into
+    the server's log. Every library line now goes through the server's handler: formatted, and without them."""
+    from model_store.demo import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.encode_prompt("a secret prompt " * 40, "cpu", 1, False)  # far past the 77 tokens CLIP reads
+    logging.getLogger("diffusers.pipelines.x").warning("a library warning")
+    written = server_logging()
+    assert "secret" not in written
+    lines = [json.loads(line) for line in written.splitlines()]  # every line is the server's JSON
+    assert "a library warning" in {line["message"] for line in lines}
+
+
+def test_a_json_log_line_is_never_a_string_a_client_chose():
+    from service.telemetry import JsonFormatter
+
+    forged = '{"event": "request", "code": "OK"}\n{"forged": true}'
+    line = JsonFormatter().format(logging.LogRecord("diffusers", 30, "", 0, forged, None, None))
+    assert json.loads(line)["message"] == forged  # quoted inside the server's own object, on one line
+
+
+def test_a_status_the_call_ended_before_is_not_an_error_in_grpcs_log():
+    """An item's deadline and the call's pass together: sending DEADLINE_EXCEEDED then fails inside grpc, which
+    logged an ERROR with a traceback (operators page on those). The call has ended: nothing is left to send."""
+    from batching.errors import DeadlineExceededError
+    from service.servicer import abort
+
+    class SendFailed(Exception):
+        pass
+
+    context = mock.Mock(time_remaining=lambda: -0.01, cancelled=lambda: False)
+    context.abort = mock.AsyncMock(side_effect=SendFailed("execute_batch failed"))
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(abort(context, DeadlineExceededError("deadline passed in the queue")))
+    context.set_code.assert_called_once_with(grpc.StatusCode.DEADLINE_EXCEEDED)
+    context.time_remaining = lambda: 5.0  # a live call whose status cannot be sent: a real error, raised
+    context.abort.reset_mock()
+    with pytest.raises(SendFailed):
+        asyncio.run(abort(context, DeadlineExceededError("deadline passed in the queue")))
 
 
 def test_an_rpc_that_ends_in_another_context_is_still_counted_out():

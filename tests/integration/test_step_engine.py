@@ -281,6 +281,28 @@ def test_out_of_memory_evicts_the_newest_items_which_resume_where_they_were(home
         assert np.abs(np.asarray(output.image, dtype=np.int16) - expected).max() <= 1
 
 
+def test_an_item_finishing_just_before_another_waits_to_be_decoded_with_it(home):
+    """A (4 steps) finishes a tick before B (5 steps): both leave in one decode at B's last step; C (9 steps) is
+    too far off to wait for, so it is decoded alone. Each image still equals its solo call."""
+    loaded = runners(home, "float32")
+    engine, tag = engine_of(loaded), home.get("sd").tag
+    specs = [StepInputs("text2img", f"a barn {steps}", steps, 7.5, 64, 64) for steps in (4, 5, 9)]
+    a, b, c = (item(tag, "__call__", spec, 30 + i) for i, spec in enumerate(specs))
+    engine.join([a, b, c])
+    left, images = {}, {}
+    for number in range(1, 10):
+        finished = engine.tick().finished
+        left[number] = [done for done, _ in finished]
+        images.update({id(done): output.image for done, output in finished})
+        if number == 4:
+            assert engine.in_flight == 3 and engine.busy  # A waits, finished, and still counts
+    assert left[4] == [] and left[5] == [a, b] and left[9] == [c] and not engine.busy
+    assert all(not done for number, done in left.items() if number not in (5, 9))
+    for index, done in enumerate((a, b, c)):
+        expected = np.asarray(solo(loaded[tag], "__call__", specs[index], 30 + index), dtype=np.int16)
+        assert np.abs(np.asarray(images[id(done)], dtype=np.int16) - expected).max() <= 1
+
+
 def test_step_warm_up_failure_stops_the_worker_start(home):
     """A model the engine cannot run fails readiness loudly, not the first request."""
     worker = PipelineWorker(runners(home, "float32"), "cpu")
