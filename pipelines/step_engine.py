@@ -148,6 +148,12 @@ class StepEngine:
     # --- the loop --------------------------------------------------------------------------------------------
 
     def tick(self) -> Tick:
+        """One step of one set (the module docstring's loop); the Tick also says what the engine holds after it."""
+        tick = self._step()
+        tick.in_flight = self.in_flight
+        return tick
+
+    def _step(self) -> Tick:
         now = self.clock()
         failed = self._admit(now)
         group = min(self._sets, key=lambda g: min(t.last_tick for t in self._sets[g]), default=None)
@@ -174,7 +180,6 @@ class StepEngine:
             self._advance(tracks, noise, tick)
         tick.seconds = self.clock() - started
         self._finish(group, tick)
-        tick.in_flight = self.in_flight
         return tick
 
     @property
