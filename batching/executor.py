@@ -11,7 +11,6 @@ Futures are resolved, progress is fanned out and the cost model is fed here, in 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -337,9 +336,20 @@ class Executor:
             item.trace.finished = now
         if tick.rows or tick.failed:
             cancelled = sum(isinstance(error, ItemCancelledError) for _, error in tick.failed)
-            report = BatchReport(name, None, tick.rows, (), tick.seconds, "tick", _model_of(tick), tick.active)
-            report = dataclasses.replace(report, join_waits=tuple(tick.join_waits), cancelled=cancelled)
-            self._emit(dataclasses.replace(report, in_flight=tick.in_flight))
+            report = BatchReport(
+                name,
+                None,
+                tick.rows,
+                (),
+                tick.seconds,
+                "tick",
+                _model_of(tick),
+                active=tick.active,
+                join_waits=tuple(tick.join_waits),
+                cancelled=cancelled,
+                in_flight=tick.in_flight,
+            )
+            self._emit(report)
         for item, result in tick.finished:
             set_result(item.future, result)
         for item, error in tick.failed:

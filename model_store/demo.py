@@ -169,7 +169,7 @@ def build_tiny_pipeline(seed: int = 0, torch_dtype: torch.dtype | None = None) -
 
     # The full module path: through `diffusers` mypy sees the dummy placeholder class instead.
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = _build_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -198,16 +198,8 @@ def build_tiny_pipeline(seed: int = 0, torch_dtype: torch.dtype | None = None) -
             sample_size=64,
         )
         torch.manual_seed(seed + _TEXT_ENCODER_SEED)
-        text_config = CLIPTextConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
-            max_position_embeddings=MAX_LENGTH,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+        text_config = clip_text_config(
+            tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
         )
         text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler(
@@ -244,3 +236,18 @@ def build_tiny_pipeline(seed: int = 0, torch_dtype: torch.dtype | None = None) -
 def save_demo(store: Any, name: str = DEMO_NAME, seed: int = 0, **kwargs: Any) -> Any:
     """Build the tiny pipeline and store it as the demo model (`store` is a `ModelStore`)."""
     return store.save_model(name, build_tiny_pipeline(seed=seed), signatures=DEMO_SIGNATURES, **kwargs)
+
+
+def clip_text_config(tokenizer: Any, **shape: Any) -> Any:
+    """A CLIP text encoder's config of the given shape, for our tokenizer: its vocabulary, special tokens and
+    prompt length."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        max_position_embeddings=MAX_LENGTH,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_store.demo import MAX_LENGTH, _build_tokenizer, build_tiny_pipeline
+from model_store.demo import _build_tokenizer, build_tiny_pipeline, clip_text_config
 
 if TYPE_CHECKING:
     import torch
@@ -171,24 +171,20 @@ def _sdxl_components(seed: int) -> dict[str, Any]:
     a second CLIP text encoder with a projection, and a text_time UNet whose shapes match both encoders."""
     import torch
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     base: Any = build_tiny_pipeline(seed)
     tokenizer_2 = _build_tokenizer()
     text_encoder_hidden = base.text_encoder.config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + _TEXT_ENCODER_2_SEED)
-        text_config_2 = CLIPTextConfig(
+        text_config_2 = clip_text_config(
+            tokenizer_2,
             hidden_size=32,
             projection_dim=SDXL_PROJECTION_DIM,
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=37,
-            max_position_embeddings=MAX_LENGTH,
-            vocab_size=len(tokenizer_2),
-            bos_token_id=tokenizer_2.bos_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            pad_token_id=tokenizer_2.pad_token_id,
         )
         text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
         torch.manual_seed(seed + _SDXL_UNET_SEED)
@@ -427,7 +423,7 @@ def build_sd15_shaped(seed: int = 0, torch_dtype: torch.dtype | None = None) -> 
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = _build_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -448,16 +444,8 @@ def build_sd15_shaped(seed: int = 0, torch_dtype: torch.dtype | None = None) -> 
             sample_size=512,
         )
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=MAX_LENGTH,
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+            clip_text_config(
+                tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
             )
         )
     scheduler = DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False)

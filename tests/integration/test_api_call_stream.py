@@ -43,12 +43,6 @@ def served(store, custom_tag):
         yield server, target
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    with DiffusionClient(served[1]) as c:
-        yield c
-
-
 def test_custom_pipeline_is_refused_without_trust(store):
     with pytest.raises(StoreError, match="trust_remote_code"):
         store.import_model("untrusted", store.get("tiny-sd").path, custom_pipeline=CUSTOM)

@@ -38,18 +38,6 @@ def half_mask(width: int = 64, height: int = 64) -> bytes:
     return png(Image.fromarray(mask, "L"))
 
 
-@pytest.fixture(scope="module")
-def served(store):
-    with running_server(store, max_batch_size=8) as (server, target):
-        yield server, target
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with DiffusionClient(served[1]) as c:
-        yield c
-
-
 def test_image_to_image_returns_an_image_of_the_input_size(client):
     reply = client.image_to_image("a sunny hill", gradient(), seed=3, steps=4, strength=0.5)
     (image,) = reply.images

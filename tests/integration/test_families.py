@@ -14,18 +14,17 @@ from PIL import Image
 from test_api_tasks import gradient, png
 
 from model_store import ModelStore
+from model_store.demo import DEMO_SIGNATURES
 from model_store.tiny_families import build_tiny_ddpm, build_tiny_sd_controlnet, build_tiny_sdxl
 from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
-
-TASKS = {"__call__": {"batchable": True}, "img2img": {"batchable": True}, "inpaint": {"batchable": True}}
 
 
 @pytest.fixture(scope="module")
 def family_store(tmp_path_factory, store):
     home = ModelStore(tmp_path_factory.mktemp("families"))
-    home.import_model("tiny-sd", store.get("tiny-sd").path, signatures=TASKS)
-    home.save_model("tiny-sdxl", build_tiny_sdxl(seed=0), signatures=TASKS)
+    home.import_model("tiny-sd", store.get("tiny-sd").path, signatures=DEMO_SIGNATURES)
+    home.save_model("tiny-sdxl", build_tiny_sdxl(seed=0), signatures=DEMO_SIGNATURES)
     home.save_model("tiny-controlnet", build_tiny_sd_controlnet(seed=0), signatures={"__call__": {"batchable": True}})
     home.save_model("tiny-ddpm", build_tiny_ddpm(seed=0))  # the default signature: __call__, not batchable
     return home
@@ -36,12 +35,6 @@ def served(family_store):
     tags = ("tiny-sdxl", "tiny-controlnet", "tiny-ddpm", "tiny-sd")
     with running_server(family_store, tags=tags, max_batch_size=4) as (server, target):
         yield server, target
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with DiffusionClient(served[1]) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

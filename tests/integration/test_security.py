@@ -132,12 +132,6 @@ def served(store, metrics_port):
         yield server, target
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    with DiffusionClient(served[1]) as c:
-        yield c
-
-
 def refused(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()

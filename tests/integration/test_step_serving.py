@@ -14,18 +14,6 @@ from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
 
 
-@pytest.fixture(scope="module")
-def served(store):
-    with running_server(store, max_batch_size=8) as (server, target):
-        yield server, target
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with DiffusionClient(served[1]) as c:
-        yield c
-
-
 def stream(client, steps: int, size: int = 64, seed: int = 1):
     params = pb.GenerationParams(seed=seed, num_inference_steps=steps, height=size, width=size)
     return client.stub.Stream(

@@ -15,18 +15,6 @@ from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
 
 
-@pytest.fixture(scope="module")
-def served(store):
-    with running_server(store, max_batch_size=8) as (server, target):
-        yield server, target
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with DiffusionClient(served[1]) as c:
-        yield c
-
-
 def test_image_is_a_64x64_png_with_the_resolved_tag_and_seed(client, store):
     response = client.text_to_image("a red fox", seed=7, steps=4)
     assert response.model == store.get("tiny-sd").tag
