@@ -88,7 +88,9 @@ def test_in_float64_batching_is_bit_identical(model):
 
 
 def test_two_cpu_replicas_serve_at_the_same_time(store):
-    with running_server(store, workers_per_device=2) as (server, target), DiffusionClient(target) as client:
+    # Request batching: a step engine may take both requests into its own ticks, leaving the other replica idle.
+    config = {"workers_per_device": 2, "batching": "request"}
+    with running_server(store, **config) as (server, target), DiffusionClient(target) as client:
         long = [
             pb.TextToImageRequest(prompt="x", params=pb.GenerationParams(seed=s, num_inference_steps=n))
             for s, n in ((1, 120), (2, 121))
