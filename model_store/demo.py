@@ -168,7 +168,6 @@ def build_tiny_pipeline(seed: int = 0, torch_dtype: torch.dtype | None = None) -
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     # The full module path: through `diffusers` mypy sees the dummy placeholder class instead.
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer = _build_tokenizer()
@@ -210,27 +209,7 @@ def build_tiny_pipeline(seed: int = 0, torch_dtype: torch.dtype | None = None) -
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    # Typed Any: diffusers' annotations (a scheduler enum, non-Optional safety checker) reject valid values.
-    components: dict[str, Any] = {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "unet": unet,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        component.eval()  # As from_pretrained does, so a built and a reloaded pipeline behave alike.
-        if torch_dtype is not None:
-            # Cast after seeding in float32 so every dtype shares the same weights. Plain nn.Module.to: the
-            # diffusers 0.42 override warns on every dtype cast, even when no module is pinned to float32.
-            torch.nn.Module.to(component, dtype=torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return finish_pipeline(sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler), torch_dtype)
 
 
 def save_demo(store: Any, name: str = DEMO_NAME, seed: int = 0, **kwargs: Any) -> Any:
@@ -251,3 +230,37 @@ def clip_text_config(tokenizer: Any, **shape: Any) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         **shape,
     )
+
+
+def sd_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of these parts, without a safety checker."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
+    # Typed Any: diffusers' annotations (a scheduler enum, non-Optional safety checker) reject valid values.
+    components: dict[str, Any] = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+    return StableDiffusionPipeline(**components, requires_safety_checker=False)
+
+
+def finish_pipeline(pipe: Any, torch_dtype: torch.dtype | None) -> Any:
+    """Eval mode, as from_pretrained leaves a pipeline, so a built and a reloaded one behave alike; the cast to
+    `torch_dtype` after seeding in float32, so every dtype shares the same weights; no progress bars."""
+    import torch
+
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        component.eval()
+        if torch_dtype is not None:
+            # Plain nn.Module.to: the diffusers 0.42 override warns on every dtype cast, even when no module is
+            # pinned to float32.
+            torch.nn.Module.to(component, dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

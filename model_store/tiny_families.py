@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_store.demo import _build_tokenizer, build_tiny_pipeline, clip_text_config
+from model_store.demo import _build_tokenizer, build_tiny_pipeline, clip_text_config, finish_pipeline, sd_pipeline
 
 if TYPE_CHECKING:
     import torch
@@ -151,21 +151,6 @@ def _randomize_controlnet_zero_convs(controlnet: Any, embedding_gain: float) -> 
         embedding.conv_out.weight.mul_(embedding_gain)
 
 
-def _finish(pipe: Any, torch_dtype: torch.dtype | None) -> Any:
-    """As demo.py: eval mode like from_pretrained, optional cast after seeding in float32, no progress bars."""
-    import torch
-
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        component.eval()
-        if torch_dtype is not None:
-            # Plain nn.Module.to: the diffusers 0.42 override warns on every dtype cast.
-            torch.nn.Module.to(component, dtype=torch_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _sdxl_components(seed: int) -> dict[str, Any]:
     """SDXL's components: the demo's f8 VAE and CLIP text encoder (SDXL's first encoder is SD's CLIP-L too),
     a second CLIP text encoder with a projection, and a text_time UNet whose shapes match both encoders."""
@@ -231,7 +216,7 @@ def build_tiny_sd(seed: int = 0, torch_dtype: torch.dtype | None = None) -> Stab
     pipe: Any = build_tiny_pipeline(seed)  # Any: mypy sees no registered components.
     _amplify_conditioning(pipe.unet)
     _sharpen_vae_posterior(pipe.vae)
-    return _finish(pipe, torch_dtype)
+    return finish_pipeline(pipe, torch_dtype)
 
 
 def build_tiny_sdxl(seed: int = 0, torch_dtype: torch.dtype | None = None) -> StableDiffusionXLPipeline:
@@ -244,7 +229,7 @@ def build_tiny_sdxl(seed: int = 0, torch_dtype: torch.dtype | None = None) -> St
     components = _sdxl_components(seed)
     # add_watermarker=False: the default enables it whenever invisible-watermark happens to be installed.
     pipe = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
-    return _finish(pipe, torch_dtype)
+    return finish_pipeline(pipe, torch_dtype)
 
 
 def _build_controlnet(unet: UNet2DConditionModel, seed: int, embedding_gain: float) -> ControlNetModel:
@@ -270,7 +255,7 @@ def build_tiny_sd_controlnet(
     controlnet = _build_controlnet(base.unet, seed, _SD_CONTROL_EMBEDDING_GAIN)
     components: dict[str, Any] = {**base.components, "controlnet": controlnet}
     pipe = StableDiffusionControlNetPipeline(**components, requires_safety_checker=False)
-    return _finish(pipe, torch_dtype)
+    return finish_pipeline(pipe, torch_dtype)
 
 
 def build_tiny_sdxl_controlnet(
@@ -282,7 +267,7 @@ def build_tiny_sdxl_controlnet(
     components = _sdxl_components(seed)
     components["controlnet"] = _build_controlnet(components["unet"], seed, _SDXL_CONTROL_EMBEDDING_GAIN)
     pipe = StableDiffusionXLControlNetPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
-    return _finish(pipe, torch_dtype)
+    return finish_pipeline(pipe, torch_dtype)
 
 
 def build_tiny_sd_inpainting(seed: int = 0, torch_dtype: torch.dtype | None = None) -> StableDiffusionInpaintPipeline:
@@ -299,7 +284,7 @@ def build_tiny_sd_inpainting(seed: int = 0, torch_dtype: torch.dtype | None = No
     _sharpen_vae_posterior(base.vae)
     components: dict[str, Any] = {**base.components, "unet": unet}
     pipe = StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
-    return _finish(pipe, torch_dtype)
+    return finish_pipeline(pipe, torch_dtype)
 
 
 def build_tiny_ddpm(seed: int = 0, torch_dtype: torch.dtype | None = None) -> DDPMPipeline:
@@ -326,7 +311,7 @@ def build_tiny_ddpm(seed: int = 0, torch_dtype: torch.dtype | None = None) -> DD
         num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, prediction_type="sample"
     )
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    return _finish(pipe, torch_dtype)
+    return finish_pipeline(pipe, torch_dtype)
 
 
 def save_tiny_lora(
@@ -422,7 +407,6 @@ def build_sd15_shaped(seed: int = 0, torch_dtype: torch.dtype | None = None) -> 
     the real VAE's shape): what `make bench --realistic` measures on a GPU, without downloading weights."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     tokenizer = _build_tokenizer()
@@ -449,14 +433,5 @@ def build_sd15_shaped(seed: int = 0, torch_dtype: torch.dtype | None = None) -> 
             )
         )
     scheduler = DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False)
-    components: dict[str, Any] = {  # Any: diffusers' annotations reject valid values (see demo.py)
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "unet": unet,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    return _finish(pipe, torch_dtype)  # type: ignore[no-any-return]
+    pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    return finish_pipeline(pipe, torch_dtype)  # type: ignore[no-any-return]
