@@ -5,11 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# checkov (the manifests' policy check) has a venv of its own: it pins many packages the service also uses.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: install demo test unit lint protos check-protos bench soak clean
 
-install: $(STAMP) $(NODE_STAMP)
+install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
 # torch first, pinned to the CPU wheel on disk, so nothing later can pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -19,10 +22,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "checkov==3.3.*"
+	touch $@
+
 # buf (proto lint) and the Node.js client of the end-to-end tests; skipped with a note where npm is missing.
-$(NODE_STAMP): package.json
+# `npm ci` installs exactly package-lock.json and never rewrites it, so a fresh clone stays clean.
+$(NODE_STAMP): package.json package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
-		npm install --no-audit --no-fund --loglevel=error && touch $@; \
+		npm ci --no-audit --no-fund --loglevel=error && touch $@; \
 	else echo "npm not found: the buf lint and Node.js client tests will be skipped"; fi
 
 demo: install
@@ -54,4 +63,4 @@ soak: install
 	$(PY) bench/soak.py
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .diffusers-grpc-home demo.png bench/results
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .diffusers-grpc-home demo.png bench/results

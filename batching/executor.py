@@ -31,6 +31,7 @@ from .queue import Batch, BatchQueue, Clock
 from .results import check_results
 
 log = logging.getLogger(__name__)
+SHUTDOWN_SETTLE_SECONDS = 5.0  # after a forced shutdown, how long workers get to leave their current step
 
 
 class StepHook(Protocol):
@@ -134,6 +135,8 @@ class Executor:
         self._ready = threading.Semaphore(0)
         self._failed: list[BaseException] = []
         self._dead: set[str] = set()
+        self._running: set[WorkItem] = set()  # items a worker has taken and not finished (for a forced shutdown)
+        self._running_lock = threading.Lock()
         self.on_unhealthy: Callable[[], None] | None = None  # called from a worker thread that dies
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -159,13 +162,44 @@ class Executor:
         """True while every worker thread is alive."""
         return bool(self._threads) and all(t.is_alive() for t in self._threads) and not self._failed and not self._dead
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop taking new work, let workers drain the queue, then fail whatever is left."""
+    def shutdown(self, timeout: float | None = None, settle: float = SHUTDOWN_SETTLE_SECONDS) -> bool:
+        """Stop taking new work and let the workers finish what is queued and running, for `timeout` seconds.
+
+        Then whatever is left, queued or running, fails with WorkerUnavailableError (UNAVAILABLE, the one status a
+        drain that ran out of time gives), and running calls are interrupted at their next step. Returns whether
+        every worker thread has then stopped within `settle` more seconds: a thread still inside a long step
+        must not be running torch code while the interpreter exits.
+        """
         self.queue.close()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        self.queue.fail_all(WorkerUnavailableError("the server is shutting down"))
+        error = WorkerUnavailableError("the server is shutting down: the drain's grace period ran out")
+        left = self.queue.fail_all(error)
+        with self._running_lock:
+            running = list(self._running)
+        for item in running:
+            set_exception(item.future, error)
+            item.cancel()  # the worker drops it (step engine) or interrupts its call (request batches)
+        if left or running:
+            log.warning("shutdown: the grace period ran out; %d queued and %d running items failed", left, len(running))
+        settled = time.monotonic() + settle
+        for thread in self._threads:
+            thread.join(max(0.0, settled - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _started(self, item: WorkItem) -> bool:
+        """Mark an item running (False when it was cancelled first), and track it until it is done."""
+        if not item.future.set_running_or_notify_cancel():
+            return False
+        with self._running_lock:
+            self._running.add(item)
+        item.future.add_done_callback(lambda _: self._forget(item))
+        return True
+
+    def _forget(self, item: WorkItem) -> None:
+        with self._running_lock:
+            self._running.discard(item)
 
     # --- submitting ----------------------------------------------------------------------------------------
 
@@ -237,7 +271,7 @@ class Executor:
 
     def _run(self, name: str, backend: Backend, batch: Batch) -> None:
         waits = {id(item): wait for item, wait in zip(batch.items, batch.queue_wait)}
-        items = [item for item in batch.items if item.future.set_running_or_notify_cancel()]
+        items = [item for item in batch.items if self._started(item)]
         for item in items:
             item.trace.queue_wait = waits[id(item)]
         self._attempt(name, backend, batch.key, items)
@@ -308,7 +342,7 @@ class Executor:
         for item, wait in zip(batch.items, batch.queue_wait):
             if item.future.running():  # resumes after an eviction: it keeps its state and its first start
                 items.append(item)
-            elif item.future.set_running_or_notify_cancel():
+            elif self._started(item):
                 item.trace.queue_wait, item.trace.started = wait, now
                 items.append(item)
         try:

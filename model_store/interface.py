@@ -9,9 +9,11 @@ Only public diffusers APIs: `inspect.signature`, the auto-pipeline mappings behi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 TEXT2IMG, IMG2IMG, INPAINT, CUSTOM = "text2img", "img2img", "inpaint", "custom"
@@ -131,9 +133,29 @@ def derive(pipeline: Any, task: str) -> Any:
     if target is type(pipeline):
         return pipeline
     # Without dtype=..., from_pipe casts the shared modules (the original pipeline's too) to float32.
-    derived = target.from_pipe(pipeline, dtype=pipeline.dtype)  # type: ignore[attr-defined]
+    with _without_empty_fp32_warning():
+        derived = target.from_pipe(pipeline, dtype=pipeline.dtype)  # type: ignore[attr-defined]
     derived.set_progress_bar_config(disable=True)
     return derived
+
+
+class _EmptyFp32Warning(logging.Filter):
+    """diffusers 0.42's `ModelMixin.to(dtype=...)` warns that modules "should be kept in float32: []" for every
+    model, an empty list included; from_pipe's no-op cast to the pipeline's own dtype says it once per module."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_empty_fp32_warning() -> Iterator[None]:
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _EmptyFp32Warning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def signature_parameters(cls: type, method: str, task: str) -> Parameters | None:

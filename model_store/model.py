@@ -189,7 +189,7 @@ class Model:
         # safetensors only, unless the user opted in to pickled weights
         kwargs: dict[str, Any] = {} if opts.allow_pickle else {"use_safetensors": True}
         if opts.torch_dtype:
-            kwargs["torch_dtype"] = getattr(torch, opts.torch_dtype)
+            kwargs["dtype"] = getattr(torch, opts.torch_dtype)  # diffusers 0.42's name; `torch_dtype` is deprecated
         if opts.variant:
             kwargs["variant"] = opts.variant
         pipeline = pipeline_cls.from_pretrained(self.path, **kwargs)

@@ -34,7 +34,9 @@ def main() -> int:
         port = s.getsockname()[1]
     target = f"127.0.0.1:{port}"
     step(f"starting the server on {target}")
-    server = subprocess.Popen([*cli, "serve", "tiny-sd", "--host", "127.0.0.1", "--port", str(port)], env=env)
+    server = subprocess.Popen(
+        [*cli, "serve", "tiny-sd", "--host", "127.0.0.1", "--port", str(port), "--drain-seconds", "0"], env=env
+    )
     try:
         step("waiting for readiness (grpc.health.v1 diffusion.v1.DiffusionService)")
         deadline = time.monotonic() + 120

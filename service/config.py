@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ENV_PREFIX = "DIFFUSERS_GRPC_"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING = ("auto", "step", "request")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -43,6 +45,11 @@ class ServerConfig:
     tls_client_ca: str | None = None
     auth_token: str | None = field(default=None, repr=False)
     grace_seconds: float = 30.0
+    drain_seconds: float = 5.0  # after SIGTERM: NOT_SERVING but still serving, so balancers and probes move away
+    health_port: int | None = None  # a plaintext port serving only grpc.health.v1 (probes when the API needs TLS)
+    health_host: str | None = None  # where the health port listens; None: the --host address
+    max_connection_age_seconds: float = 300.0  # GOAWAY after this, so clients rebalance after a scale-out; 0: off
+    keepalive_seconds: float = 60.0  # ping idle connections this often, to find dead peers; 0: off
     log_format: str = "text"
     log_level: str = "INFO"
     reflection: bool = True
@@ -63,8 +70,9 @@ class ServerConfig:
         if not self.tags:
             raise ConfigError("serve needs at least one model tag")
         _check_range("port", self.port, 0, 65535)
-        if self.metrics_port is not None:
-            _check_range("metrics_port", self.metrics_port, 0, 65535)
+        for name in ("metrics_port", "health_port"):
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), 0, 65535)
         for name in (
             "workers_per_device",
             "max_batch_size",
@@ -79,14 +87,18 @@ class ServerConfig:
             _check_range(name, getattr(self, name), 1, None)
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.grace_seconds < 0:
-            raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        for name in ("grace_seconds", "drain_seconds", "max_connection_age_seconds", "keepalive_seconds"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_image_size < 8 or self.max_image_size % 8:
             raise ConfigError(f"max_image_size must be a positive multiple of 8, got {self.max_image_size}")
         if self.batching not in BATCHING:
             raise ConfigError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        check_device(self.device)
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -104,15 +116,51 @@ class ServerConfig:
         return self.metrics_host or self.host.strip("[]")
 
     @property
+    def health_address(self) -> str:
+        """Where the health-only port listens: --health-host, else the gRPC --host."""
+        return self.health_host or self.host
+
+    @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
     @property
     def grpc_options(self) -> list[tuple[str, int]]:
-        return [
+        """Channel arguments of the API server.
+
+        - `so_reuseport` off: otherwise a second server on a busy port binds too and the kernel splits the
+          connections between the two.
+        - `max_connection_age`: clients behind an L4 Service reconnect (and so rebalance) after a scale-out; its
+          grace lets a call in flight finish, as a drain does.
+        - keepalive: dead peers are found; clients may ping as often as every 10 s without being sent away.
+        """
+        options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
+        if self.max_connection_age_seconds > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.grace_seconds * 1000)),
+            ]
+        if self.keepalive_seconds > 0:
+            options += [
+                ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", 20_000),
+            ]
+        return options
+
+
+def check_device(spec: str) -> None:
+    """The syntax of --device (whether CUDA is there is asked when the server starts)."""
+    for part in spec.lower().split(","):
+        device = part.strip()
+        if device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device):
+            continue
+        raise ConfigError(f"device: unknown device {part.strip()!r}; use auto, cpu, cuda or cuda:N[,cuda:M]")
 
 
 def env_name(field_name: str) -> str:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 ADAPTER_REFRESH_SECONDS = 5.0  # an adapter added to the store is usable within this, plus one store listing
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name  # "diffusion.v1.DiffusionService"
 LIVENESS = ""
+STATUS_SECONDS = 2.0  # after the drain's grace: time for handlers to send the status of what was cut short
 
 
 class BatchStats:
@@ -65,7 +67,10 @@ class DiffusionServer:
         self.store = store or ModelStore()
         self.stats = BatchStats()
         self.metrics = Metrics()
-        self.devices = resolve_devices(config.device)
+        try:
+            self.devices = resolve_devices(config.device)
+        except ValueError as exc:  # --device cuda on a machine without CUDA
+            raise ConfigError(str(exc)) from None
         if config.compile and not all(device.startswith("cuda") for device in self.devices):
             raise ConfigError(
                 f"--compile needs CUDA devices (it pays only there); serving on {', '.join(self.devices)}"
@@ -80,10 +85,14 @@ class DiffusionServer:
         self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")
         # Telemetry first (outermost): a call the token check refuses is still logged and counted.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]
-        if config.auth_token:
-            interceptors.append(TokenAuthInterceptor(config.auth_token))
+        self.auth = TokenAuthInterceptor(config.auth_token) if config.auth_token else None
+        if self.auth is not None:
+            interceptors.append(self.auth)
         self.server = grpc.aio.server(options=config.grpc_options, interceptors=interceptors)
         self._metrics_http: Any = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None  # the bound health-only port, when --health-port is set
+        self.workers_stopped = True  # False when a worker was still inside a step after the drain's grace
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
@@ -121,29 +130,35 @@ class DiffusionServer:
             reflection.enable_server_reflection(names, self.server)
         address = f"{self.config.host}:{self.config.port}"
         credentials = server_credentials(self.config)
-        if credentials is None:
-            port = self.server.add_insecure_port(address)
-        else:
-            port = self.server.add_secure_port(address, credentials)
+        port = _bind(self.server, address, "--port", credentials)
         if self.config.uds:
             _remove_stale_socket(self.config.uds)
+            _bind(self.server, f"unix:{self.config.uds}", "--uds", None)  # local only: file permissions guard it
+        if self.config.health_port is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_address = f"{self.config.health_address}:{self.config.health_port}"
+            self.health_port = _bind(self._health_server, health_address, "--health-port", None)
+        if self.config.metrics_port is not None:
             try:
-                self.server.add_insecure_port(f"unix:{self.config.uds}")  # local only: file permissions guard it
-            except RuntimeError as exc:
-                raise ConfigError(f"cannot listen on --uds {self.config.uds}: {exc}") from None
+                self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_address)
+            except OSError as exc:
+                where = f"{self.config.metrics_address}:{self.config.metrics_port}"
+                raise ConfigError(f"--metrics-port: cannot listen on {where}: {exc.strerror or exc}") from None
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         if self.config.uds:
             os.chmod(self.config.uds, 0o660)
-        if self.config.metrics_port is not None:
-            self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_address)
         scheme = "tls" if credentials else "plaintext"
         log.info(
-            "listening on %s (%s)%s; loading %s",
+            "listening on %s (%s)%s%s; loading %s",
             address.replace(f":{self.config.port}", f":{port}"),
             scheme,
             f" and unix:{self.config.uds}" if self.config.uds else "",
+            f", health on {self.config.health_address}:{self.health_port} (plaintext)" if self.health_port else "",
             ", ".join(self.config.tags),
         )
         self._loading = asyncio.create_task(self._load())
@@ -183,35 +198,84 @@ class DiffusionServer:
         assert self._loading is not None, "start() first"
         await asyncio.wait_for(asyncio.shield(self._loading), timeout)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: readiness NOT_SERVING, new calls UNAVAILABLE, queued and running work gets `grace` seconds to
-        finish; what is left then fails with UNAVAILABLE. Liveness stays SERVING until the process exits."""
+    async def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
+        """Drain, in three phases, so that no call fails while other replicas could take it:
+
+        1. readiness goes NOT_SERVING at once, and for `drain` seconds the server goes on serving, so load
+           balancers and probes see it and move traffic away;
+        2. gRPC's graceful stop sends GOAWAY (clients send new calls to other replicas) and refuses new calls,
+           while the calls in flight get `grace` seconds to finish;
+        3. whatever is still queued or running then fails with UNAVAILABLE, the one status a drain that ran out of
+           time gives (the executor fails it; the handlers send that status, so logs and metrics say the same).
+        Liveness stays SERVING until the process exits.
+        """
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_seconds if grace is None else grace
-        self.servicer.accepting = False
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+            self.servicer.accepting = False
         if self._refreshing is not None:
             self._refreshing.cancel()
-        # Health keeps answering while we drain (gRPC's own stop would refuse every new RPC, probes included):
-        # new calls get UNAVAILABLE from the servicer, the executor finishes what is queued and running within
-        # `grace` and then fails the rest with UNAVAILABLE, and we wait for the handlers to send their answers.
+        if drain > 0 and self.servicer.accepting:
+            log.info("draining: readiness NOT_SERVING, serving for %.0fs more before GOAWAY", drain)
+            await asyncio.sleep(drain)
         deadline = time.monotonic() + grace
+        log.info("graceful stop: GOAWAY sent; calls in flight have %.0fs to finish", grace)
+        # Stop's own grace is longer than ours: at our deadline the executor fails what is left, and the handlers
+        # need a moment to send that status before gRPC would cancel their calls (CANCELLED, a different story).
+        stopping = asyncio.ensure_future(self.server.stop(grace + STATUS_SECONDS))
+        await asyncio.sleep(0.05)  # calls that arrived just before GOAWAY start their handlers, and are admitted
         while self.servicer.admitting > 0 and time.monotonic() < deadline:  # accepted calls queue their work
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(self.executor.shutdown, max(0.0, deadline - time.monotonic()))
-        while self.telemetry.in_flight > 0 and time.monotonic() < deadline:
+        self.workers_stopped = await asyncio.to_thread(self.executor.shutdown, max(0.0, deadline - time.monotonic()))
+        while self.telemetry.in_flight > 0 and time.monotonic() < deadline + STATUS_SECONDS:
             await asyncio.sleep(0.05)
-        await self.server.stop(1.0)
+        await stopping
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self.servicer.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.config.uds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.uds)
+
+
+def _bind(server: grpc.aio.Server, address: str, flag: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Listen on `address`, or say in one line that it cannot (SO_REUSEPORT is off: a port in use is refused)."""
+    _check_free(address, flag)
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # lost a race for the port since the check, say
+        raise ConfigError(f"{flag}: cannot listen on {address}") from None
+
+
+def _check_free(address: str, flag: str) -> None:
+    """Bind the TCP address once ourselves, as gRPC will, to say why it cannot be had (gRPC's own failure is a
+    C-core log line without the reason)."""
+    if address.startswith("unix:"):
+        return
+    host, _, port = address.rpartition(":")
+    if port == "0":
+        return
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"{flag}: cannot listen on {address}: {exc.strerror}") from None
+    for family, kind, proto, _, where in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no reason
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                raise ConfigError(f"{flag}: cannot listen on {address}: {exc.strerror}") from None
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -249,16 +313,18 @@ async def serve(config: ServerConfig, store: ModelStore | None = None) -> None:
     server = DiffusionServer(config, store)
     await server.start()
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():
             log.warning("second signal: exiting without draining")
             os._exit(1)
+        received.append(sig)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     loading = asyncio.ensure_future(server.wait_ready())
     stopping = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -266,6 +332,16 @@ async def serve(config: ServerConfig, store: ModelStore | None = None) -> None:
         await server.stop(0)
         raise loading.exception()  # type: ignore[misc]
     await stopping
-    log.info("signal received: draining for up to %.0fs", config.grace_seconds)
-    await server.stop()
+    # SIGTERM comes from an orchestrator, whose balancers need the drain window; SIGINT is a person at a terminal.
+    drain = config.drain_seconds if received[0] == signal.SIGTERM else 0.0
+    log.info(
+        "%s received: draining (%.0fs serving, then up to %.0fs grace)", received[0].name, drain, config.grace_seconds
+    )
+    await server.stop(drain=drain)
     log.info("drained; exiting")
+    if not server.workers_stopped:
+        # A worker is still inside one long denoising step. Its callers have their answers; exiting now, while
+        # the interpreter would tear down under it, is what aborted the process: end it here, logs flushed.
+        log.warning("a worker is still inside a step; exiting without waiting for it")
+        logging.shutdown()
+        os._exit(0)

@@ -65,8 +65,8 @@ class Limits:
                 f"the server's budget of {self.max_pixel_steps} (--max-pixel-steps)",
             )
         reply = images * (height * width * 3 * 1.01 + 4096)
-        if reply > self.max_message_bytes and pixel_steps <= self.max_pixel_steps:
-            raise ReplyTooLarge(
+        if reply > self.max_message_bytes:
+            bad.too_large = (
                 f"{images} images of {width}x{height} could make a reply of {reply / 2**20:.0f} MiB, over the "
                 f"server's message limit of {self.max_message_bytes / 2**20:.0f} MiB: ask for fewer or smaller images"
             )
@@ -77,10 +77,15 @@ class Limits:
 
 
 class Violations:
-    """Collects every field problem of a request, so the client learns them all at once."""
+    """Collects every field problem of a request, so the client learns them all at once.
+
+    A value the client chose that breaks a documented limit is INVALID_ARGUMENT, and it is reported first: only a
+    request whose every field is within its limits can be refused for the size of its reply (RESOURCE_EXHAUSTED).
+    """
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
+        self.too_large: str | None = None  # why the reply would not fit the message limit
 
     def add(self, field: str, description: str) -> None:
         self.items.append(FieldViolation(field, description))
@@ -88,6 +93,8 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidArgument.of(self.items)
+        if self.too_large is not None:
+            raise ReplyTooLarge(self.too_large)
 
 
 def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) -> Generation:

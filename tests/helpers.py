@@ -65,11 +65,12 @@ def cli(*args: str) -> list[str]:
 
 @contextlib.contextmanager
 def server_process(home: Path, args: Sequence[str] = (), env: dict[str, str] | None = None) -> Iterator[str]:
-    """A real `diffusers-grpc serve` process on a free loopback port; yields its target once ready."""
+    """A real `diffusers-grpc serve` process on a free loopback port; yields its target once ready. It stops with
+    no drain window (no balancer to wait for), unless `args` give one."""
     port = free_port()
     log = open(home / f"server-{port}.log", "wb")  # noqa: SIM115 (closed in finally, after the process)
     process = subprocess.Popen(
-        cli("serve", "--host", "127.0.0.1", "--port", str(port), *args),
+        cli("serve", "--host", "127.0.0.1", "--port", str(port), "--drain-seconds", "0", *args),
         env={**os.environ, "DIFFUSERS_GRPC_HOME": str(home), **(env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import CliError
+from .common import CliError, add_connection_flags, connection
 
 
 def register(commands: Any) -> None:
     parser = commands.add_parser("generate", help="generate images with a running server")
     parser.add_argument("prompt")
-    parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
+    add_connection_flags(parser)
     parser.add_argument("--model", default="", help="model tag (default: the server's default model)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--prompt-2", default="", help="prompt for SDXL's second text encoder")
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         request.strength = args.strength
     request.prompt_2, request.negative_prompt_2 = args.prompt_2, args.negative_prompt_2
     request.control_images.extend(pb.Image(data=_read(path)) for path in args.control_image)
-    with DiffusionClient(args.target) as client:
+    where = connection(args)
+    with DiffusionClient(where.target, credentials=where.credentials, metadata=where.metadata) as client:
         try:
             if args.progress:
                 response = _stream_with_bar(client, request, args.timeout)

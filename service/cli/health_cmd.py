@@ -6,14 +6,14 @@ import argparse
 import sys
 from typing import Any
 
+from .common import add_connection_flags, connection
+
 SERVING, NOT_SERVING, UNREACHABLE = 0, 1, 2
 
 
 def register(commands: Any) -> None:
     parser = commands.add_parser("health", help="check a server's health (for probes)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--target", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
-    where.add_argument("--uds", help="Unix socket path")
+    add_connection_flags(parser)
     parser.add_argument(
         "--service",
         default="diffusion.v1.DiffusionService",
@@ -27,11 +27,18 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = f"unix:{args.uds}" if args.uds else args.target
-    with grpc.insecure_channel(target) as channel:
+    where = connection(args)
+    channel = (
+        grpc.secure_channel(where.target, where.credentials)
+        if where.credentials is not None
+        else grpc.insecure_channel(where.target)
+    )
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=list(where.metadata.items()),
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:

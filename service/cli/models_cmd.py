@@ -300,7 +300,11 @@ def _summary(model: Model) -> dict[str, Any]:
 
 
 def _store_call(action: Any) -> Any:
+    """Run a store action; what goes wrong for a reason the user can fix is one line, not a traceback."""
     try:
         return action()
     except StoreError as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # a missing or unreadable file or folder, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CliError(f"{where}{exc.strerror or exc}") from None

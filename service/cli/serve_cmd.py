@@ -42,7 +42,39 @@ FLAGS: list[tuple[str, str, Any, str]] = [
         str,
         "require 'authorization: Bearer TOKEN' on every RPC but health/reflection",
     ),
-    ("--grace-seconds", "grace_seconds", float, "drain time on SIGTERM (default 30)"),
+    (
+        "--drain-seconds",
+        "drain_seconds",
+        float,
+        "after SIGTERM, keep serving this long with readiness NOT_SERVING, so load balancers move away "
+        "(default 5; a SIGINT skips it)",
+    ),
+    (
+        "--grace-seconds",
+        "grace_seconds",
+        float,
+        "then stop gracefully (GOAWAY): calls in flight get this long to finish (default 30)",
+    ),
+    (
+        "--health-port",
+        "health_port",
+        int,
+        "also serve grpc.health.v1 alone, in plaintext, on this port (probes when the API port needs TLS)",
+    ),
+    ("--health-host", "health_host", str, "address the health port listens on (default: the --host address)"),
+    (
+        "--max-connection-age-seconds",
+        "max_connection_age_seconds",
+        float,
+        "send clients GOAWAY after a connection is this old, so they rebalance after a scale-out (default 300; "
+        "0 is off)",
+    ),
+    (
+        "--keepalive-seconds",
+        "keepalive_seconds",
+        float,
+        "ping idle connections this often to find dead peers (default 60; 0 is off)",
+    ),
     ("--log-format", "log_format", str, "text or json (default text)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING... (default INFO)"),
     ("--max-image-size", "max_image_size", int, "largest height/width a request may ask for (default 2048)"),
@@ -138,12 +170,20 @@ def run(args: argparse.Namespace) -> int:
     from ..telemetry import configure_logging
 
     configure_logging(config.log_format, config.log_level)
-    from model_store import StoreError
+    from model_store import ModelNotFoundError, StoreError
 
     try:
         asyncio.run(serve(config))
+    except ModelNotFoundError as exc:  # most often an empty store: say what to mount
+        hint = (
+            "mount a model store there (DIFFUSERS_GRPC_HOME), pull from one with --store s3://BUCKET/PREFIX, or "
+            "import a model first (`diffusers-grpc models import` or `models create-demo`)"
+        )
+        raise CliError(f"cannot serve: {exc}; {hint}") from None
     except StoreError as exc:  # a model that cannot be served: say which and why, no traceback
         raise CliError(f"cannot serve: {exc}") from None
-    except ConfigError as exc:  # a setting that does not fit the machine (e.g. --compile without CUDA)
+    except ConfigError as exc:  # a setting that does not fit the machine (--device cuda without CUDA, a busy port)
         raise CliError(f"invalid configuration: {exc}", exit_code=2) from None
+    except RuntimeError as exc:  # a model that failed to load or warm up (its traceback is in the log above)
+        raise CliError(f"cannot serve: {exc}") from None
     return 0

@@ -45,10 +45,18 @@ def start(home, *args: str, load_cue: Path | None = None) -> tuple[subprocess.Po
     return process, f"127.0.0.1:{port}"
 
 
-def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(store_home):
+def test_sigterm_turns_readiness_off_keeps_serving_through_the_drain_window_and_exits_0(store_home):
     metrics_port = free_port()
     process, target = start(
-        store_home, "--metrics-port", str(metrics_port), "--grace-seconds", "60", "--max-batch-size", "4"
+        store_home,
+        "--metrics-port",
+        str(metrics_port),
+        "--drain-seconds",
+        "3",
+        "--grace-seconds",
+        "60",
+        "--max-batch-size",
+        "4",
     )
     try:
         wait_serving(target, process=process)
@@ -64,9 +72,8 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(store_ho
             not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
             wait_for(lambda: health_status(target, READINESS) == not_serving, what="readiness turning off")
             assert process.poll() is None
-            with pytest.raises(grpc.RpcError) as caught:
-                client.text_to_image("late", seed=1, steps=2, timeout=30)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A balancer may still send calls while it learns that readiness is off: they are served.
+            assert client.text_to_image("late", seed=1, steps=2, timeout=30).images
             replies = [f.result(timeout=120) for f in futures]
         assert [r.images[0].seed for r in replies] == list(range(8))
         assert process.wait(timeout=60) == 0
@@ -78,7 +85,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(store_ho
 def test_health_probe_over_unix_socket_exits_0_1_and_2(store_home, tmp_path):
     socket_path, cue = tmp_path / "grpc.sock", tmp_path / "load-cue"
     os.mkfifo(cue)
-    process, target = start(store_home, "--uds", str(socket_path), load_cue=cue)
+    process, target = start(store_home, "--uds", str(socket_path), "--drain-seconds", "0", load_cue=cue)
     probe = cli("health", "--uds", str(socket_path), "--timeout", "2")
     try:
         wait_for(lambda: socket_path.exists() or process.poll() is not None, what="the socket")  # as a probe would

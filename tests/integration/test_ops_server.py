@@ -250,16 +250,55 @@ def test_readiness_waits_for_a_slow_model_load(store):
         assert health_status(target, READINESS) == SERVING
 
 
-def test_drain_keeps_liveness_serving_and_finishes_in_flight_work(store):
+def test_drain_keeps_liveness_serving_and_serves_new_calls_during_its_window(store):
     with running_server(store) as (server, target), DiffusionClient(target) as client:
         events = client.stream(request(seed=3, steps=100), timeout=120)
         assert next(events).progress.step == 1  # the request is running
-        stopping = server.loop_thread.run_async(server.stop(grace=60))
+        stopping = server.loop_thread.run_async(server.stop(grace=60, drain=5))
         wait_for(lambda: health_status(target, READINESS) == NOT_SERVING, what="readiness turning off")
         assert health_status(target, "") == SERVING
+        assert client.text_to_image("late", seed=1, steps=2, timeout=30).images  # a balancer's late call
         rest = list(events)
         assert rest[-1].WhichOneof("event") == "text_to_image"  # finished, not cancelled
         stopping.result(timeout=120)
+
+
+def test_a_grace_that_runs_out_fails_the_rest_with_unavailable_counted_as_such(store):
+    with running_server(store) as (server, target), DiffusionClient(target) as client:
+        events = client.stream(request(seed=3, steps=150), timeout=120)
+        long = pb.GenerationParams(seed=4, num_inference_steps=150, width=256, height=256)
+        queued = client.stub.TextToImage.future(pb.TextToImageRequest(prompt="x", params=long), timeout=120)
+        assert next(events).progress.step == 1  # running
+        wait_for(lambda: server.telemetry.in_flight == 2, what="both calls on the server")
+        stopping = server.loop_thread.run_async(server.stop(grace=0.5))
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(events)
+        with pytest.raises(grpc.RpcError) as unary:
+            queued.result(timeout=60)
+        stopping.result(timeout=60)
+    for caught in (streamed, unary):
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    counted = {
+        (sample.labels["rpc"], sample.labels["code"]): sample.value
+        for metric in server.metrics.registry.collect()
+        if metric.name == "diffusers_grpc_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["rpc"] in ("Stream", "TextToImage")
+    }
+    assert counted == {("Stream", "UNAVAILABLE"): 1.0, ("TextToImage", "UNAVAILABLE"): 1.0}, counted
+    assert server.workers_stopped  # the worker left its step: nothing runs while the process exits
+
+
+def test_a_health_only_port_answers_probes_in_plaintext_while_the_api_port_needs_tls(store, tmp_path):
+    certs = _certificates(tmp_path)
+    server_cert, server_key = (str(p) for p in certs["server"])
+    with running_server(store, tls_cert=server_cert, tls_key=server_key, health_port=0) as (server, target):
+        probe = f"127.0.0.1:{server.health_port}"
+        assert health_status(probe, READINESS) == SERVING and health_status(probe, "") == SERVING
+        assert health_status(target, READINESS) is None  # plaintext on the TLS port: no answer
+        with DiffusionClient(probe) as plaintext, pytest.raises(grpc.RpcError) as caught:
+            plaintext.list_models(timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # health only: the API is not there
 
 
 def test_a_call_accepted_before_a_drain_is_served_even_if_it_was_still_validating(store, monkeypatch):
@@ -276,7 +315,7 @@ def test_a_call_accepted_before_a_drain_is_served_even_if_it_was_still_validatin
         call = client.stub.TextToImage.future(request(seed=4), timeout=120)
         assert validating.wait(60)
         stopping = server.loop_thread.run_async(server.stop(grace=60))
-        wait_for(lambda: health_status(target, READINESS) == NOT_SERVING, what="readiness turning off")
+        wait_for(lambda: health_status(target, READINESS) is None, what="the graceful stop refusing new calls")
         release.set()
         assert call.result(timeout=120).images  # not UNAVAILABLE: the queue stayed open until it was queued
         stopping.result(timeout=120)
