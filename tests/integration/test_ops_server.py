@@ -145,6 +145,34 @@ def test_tls_and_mtls(store, tmp_path):
 # --- Unix socket -----------------------------------------------------------------------------------------------
 
 
+def test_the_cli_reaches_a_server_that_needs_mtls_and_a_token(store, tmp_path):
+    import subprocess
+
+    from helpers import cli
+
+    certs = _certificates(tmp_path)
+    (ca, _), (server_cert, server_key), (client_cert, client_key) = certs["ca"], certs["server"], certs["client"]
+    secured = {"tls_cert": str(server_cert), "tls_key": str(server_key), "tls_client_ca": str(ca)}
+    with running_server(store, auth_token="s3cret", **secured) as (_, target):
+        tls = ["--target", f"localhost:{target.rsplit(':', 1)[1]}", "--tls-ca", str(ca)]
+        mtls = [*tls, "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+
+        def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+            environment = {**os.environ, **env}
+            return subprocess.run(cli(*args), capture_output=True, text=True, timeout=120, env=environment)
+
+        assert run("health", *mtls).returncode == 0  # health needs no token
+        assert run("health", *tls).returncode == 2  # no client certificate: refused by mTLS
+        out = tmp_path / "fox.png"
+        denied = run("generate", "a fox", *mtls, "--steps", "2", "-o", str(out))
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        made = run("generate", "a fox", *mtls, "--steps", "2", "-o", str(out), DIFFUSERS_GRPC_TOKEN="s3cret")
+        assert made.returncode == 0, made.stderr
+        assert out.read_bytes().startswith(b"\x89PNG")
+        by_flag = run("generate", "a fox", *mtls, "--token", "s3cret", "--steps", "2", "-o", str(out))
+        assert by_flag.returncode == 0, by_flag.stderr
+
+
 def test_tcp_and_unix_socket_serve_the_same_results(store, tmp_path):
     path = tmp_path / "grpc.sock"
     stale = socket.socket(socket.AF_UNIX)
