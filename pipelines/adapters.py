@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,9 @@ class ReplicaAdapters:
 
         for adapter in adapters:
             if adapter.kind == LORA and adapter.name not in self.loras:
-                self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
+                with warnings.catch_warnings():  # PEFT warns on every adapter after the first: several is the point
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+                    self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
                 self.loras.add(adapter.name)
                 self._holds = {part: set(names) for part, names in self.pipeline.get_list_adapters().items()}
                 self._state.clear()  # loading made the new adapter the active one everywhere

@@ -18,6 +18,7 @@ from model_store import interface
 
 from .adapters import Adapter, ReplicaAdapters
 from .device import Device
+from .step_engine import NumericalError
 
 log = logging.getLogger(__name__)
 SCHEDULER_PARAM = "scheduler"
@@ -140,7 +141,13 @@ def named_outputs(result: Any) -> dict[str, Any]:
 def _step_callback(on_step: StepHook) -> Callable[..., dict[str, Any]]:
     def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         total = int(getattr(pipe, "num_timesteps", 0) or 0)
-        if not on_step(step + 1, total, tensors.get("latents")):
+        latents = tensors.get("latents")
+        if step + 1 == total and latents is not None:  # once per call (a host sync): never decode garbage
+            import torch
+
+            if not bool(torch.isfinite(latents).all()):
+                raise NumericalError("the model's latents became non-finite (NaN or inf) for this request")
+        if not on_step(step + 1, total, latents):
             pipe._interrupt = True  # diffusers' documented way to stop a call at its next step
         return tensors
 

@@ -24,6 +24,12 @@ MAX_ARGUMENT_DEPTH = 16  # lists and objects inside arguments: deeper is no pipe
 # Arguments diffusers pipelines take for the work a call does: held to the server's limits.
 COUNTS = ("num_images_per_prompt", "batch_size")
 FRAMES = "num_frames"
+# Per-prompt arguments: a list of N makes N images (times num_images_per_prompt).
+PER_PROMPT = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+MAX_LIST_ITEMS = 1024  # a list argument (prompts are held to --max-images before this)
+MAX_OBJECT_KEYS = 32  # an object argument
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+CROSS_ATTENTION_KEYS = frozenset({"scale"})  # what diffusers' own attention processors read
 # Annotations naming a type JSON cannot carry: a client's value for such a parameter can only be wrong.
 _NOT_JSON = {"Tensor", "ndarray", "Generator", "Callable", "Image", "PipelineImageInput", "FloatTensor"}
 
@@ -79,7 +85,9 @@ def call_job(request: CallRequest, registry: ModelRegistry, limits: Limits) -> C
 
 
 def _json_ok(value: Any, field: str, limits: Limits, bad: Violations, depth: int = 0) -> bool:
-    """Finite numbers, texts within the limit, nesting within MAX_ARGUMENT_DEPTH."""
+    """Finite numbers, texts within the limit, nesting within MAX_ARGUMENT_DEPTH, lists and objects of bounded
+    size with short plain keys: nothing a client sends can grow a log line (diffusers quotes unknown keys of
+    `cross_attention_kwargs` in a warning on every attention call) or the work past what its size says."""
     if depth > MAX_ARGUMENT_DEPTH:
         bad.add(field, f"nests lists and objects deeper than {MAX_ARGUMENT_DEPTH} levels")
         return False
@@ -90,10 +98,47 @@ def _json_ok(value: Any, field: str, limits: Limits, bad: Violations, depth: int
         bad.add(field, f"is {len(value)} characters long; the server's limit is {limits.max_prompt_chars}")
         return False
     if isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS:
+            bad.add(field, f"is a list of {len(value)} values; at most {MAX_LIST_ITEMS}")
+            return False
         return all(_json_ok(v, field, limits, bad, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(_json_ok(v, field, limits, bad, depth + 1) for v in value.values())
+        if len(value) > MAX_OBJECT_KEYS:
+            bad.add(field, f"is an object of {len(value)} keys; at most {MAX_OBJECT_KEYS}")
+            return False
+        for key in value:
+            if not _KEY.fullmatch(key):
+                bad.add(field, f"has a key {shown(key, 40)}; keys are names of at most 64 letters, digits and _")
+                return False
+        return all(_json_ok(v, f"{field}.{k}", limits, bad, depth + 1) for k, v in value.items())
     return True
+
+
+def _check_dict_arguments(arguments: dict[str, Any], bad: Violations) -> None:
+    """Arguments whose keys reach diffusers' code paths: only keys it acts on."""
+    extra = arguments.get("cross_attention_kwargs")
+    if isinstance(extra, dict):
+        unknown = sorted(set(extra) - CROSS_ATTENTION_KEYS)
+        if unknown:
+            bad.add(
+                "arguments.cross_attention_kwargs",
+                f"takes only {', '.join(sorted(CROSS_ATTENTION_KEYS))} (the LoRA scale); got {shown(unknown[0], 40)}",
+            )
+
+
+def images_asked(arguments: dict[str, Any]) -> tuple[int, str]:
+    """How many images a call makes: every list-valued prompt counts its prompts, and `batch_size` and
+    `num_images_per_prompt` multiply (frames are counted apart); and the argument to name when that is too many."""
+    ints = {name: value for name, value in arguments.items() if isinstance(value, int) and not isinstance(value, bool)}
+    lists = {name: len(value) for name, value in arguments.items() if name in PER_PROMPT and isinstance(value, list)}
+    field = max(lists, key=lambda name: lists[name]) if lists else "num_images_per_prompt"
+    prompts = lists.get(field, 1)
+    if ints.get("batch_size", 1) > prompts:
+        prompts, field = ints["batch_size"], "batch_size"
+    per_prompt = ints.get("num_images_per_prompt", 1)
+    if prompts == 1:
+        field = "num_images_per_prompt"
+    return prompts * per_prompt, field
 
 
 def _check_work(
@@ -114,13 +159,20 @@ def _check_work(
             bad.add(f"arguments.{name}", f"must be between 1 and {limits.max_images}, got {ints[name]}")
     if FRAMES in ints and ints[FRAMES] < 1:
         bad.add(f"arguments.{FRAMES}", f"must be at least 1, got {ints[FRAMES]}")
+    _check_dict_arguments(arguments, bad)
     if bad.items:
+        return
+    images, field = images_asked(arguments)
+    if images > limits.max_images:
+        bad.add(
+            f"arguments.{field}",
+            f"asks for {images} images in one call; the server's limit is {limits.max_images} (--max-images)",
+        )
         return
     height = ints.get("height", served.defaults.height)
     width = ints.get("width", served.defaults.width)
     steps = ints.get("num_inference_steps", served.default(signature, "num_inference_steps", FALLBACK_STEPS))
-    images = max((ints.get(name, 1) for name in COUNTS), default=1) * ints.get(FRAMES, 1)
-    limits.check_budget(images, height, width, steps, "arguments", bad)
+    limits.check_budget(images * ints.get(FRAMES, 1), height, width, steps, "arguments", bad)
 
 
 def coerce(value: Any, parameter: inspect.Parameter | None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,10 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageDecodeError("image data is empty")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with warnings.catch_warnings():  # Pillow's own, looser bomb limit warns first; ours is checked just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as probe:
             width, height = probe.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image is {width}x{height}, more than the limit of {max_pixels} pixels")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import grpc
 from .config import ServerConfig
 
 # Methods any caller may use: health probes and reflection. Never authenticated, never counted as requests.
+log = logging.getLogger(__name__)
 PUBLIC_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -26,10 +29,16 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC but health checks and reflection."""
+    """Requires `authorization: Bearer <token>` on every RPC but health checks and reflection.
 
-    def __init__(self, token: str) -> None:
+    A call without the right token is refused from its headers: its handler never reads the request, so a
+    client without a token cannot make the server parse (or hold) its messages. A peer (an address, without the
+    port) that fails too often is refused outright for a while, right token or not, so guessing stops there.
+    """
+
+    def __init__(self, token: str, limiter: FailedAuthLimiter | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self.limiter = limiter or FailedAuthLimiter()
 
     async def intercept_service(
         self,
@@ -38,25 +47,114 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith(PUBLIC_METHODS):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).encode(), self._expected):  # constant time
-            return await continuation(details)
         handler = await continuation(details)
-        return _refusal(handler)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if not hmac.compare_digest(str(given).encode(), self._expected):  # constant time
+            return _refusal(handler, self.limiter)
+        if handler is not None and self.limiter.limiting:
+            return _guarded(handler, self.limiter)
+        return handler
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
+class FailedAuthLimiter:
+    """Failed authentications per peer address, in windows of `window` seconds. Past `budget` failures in a
+    window, the peer is refused (RESOURCE_EXHAUSTED) until the window ends. One WARNING line per peer and
+    window says how many failed: a guessing client cannot grow the log by guessing faster."""
 
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization'")
+    def __init__(self, budget: int = 20, window: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self.window = window
+        self._clock = clock
+        self._counts: dict[str, tuple[float, int]] = {}  # peer -> (window start, failures in it)
+
+    @property
+    def limiting(self) -> bool:
+        """Whether any peer may be over its budget now (checked before wrapping good calls: cheap when not)."""
+        now = self._clock()
+        return any(n > self.budget and now - start < self.window for start, n in self._counts.values())
+
+    def limited(self, peer: str) -> bool:
+        start, count = self._counts.get(peer, (0.0, 0))
+        return count > self.budget and self._clock() - start < self.window
+
+    def failed(self, peer: str) -> None:
+        now = self._clock()
+        start, count = self._counts.get(peer, (now, 0))
+        if now - start >= self.window:
+            if count > 1:
+                log.warning("%d failed authentications from %s in %.0fs", count, peer, now - start)
+            start, count = now, 0
+        if count == 0:
+            log.warning(
+                "failed authentication from %s (the next failures in %.0fs are counted, not logged)", peer, self.window
+            )
+        self._counts[peer] = (start, count + 1)
+        if len(self._counts) > MAX_TRACKED_PEERS:  # forget peers whose window has ended
+            self._counts = {p: v for p, v in self._counts.items() if now - v[0] < self.window}
+
+
+MAX_TRACKED_PEERS = 4096
+
+
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.1:5123" -> "ipv4:10.0.0.1"): one client, many ports."""
+    peer = str(context.peer() or "")
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer.split(":", 1)[0] or "unknown"
+
+
+_UNAUTHENTICATED = "missing or wrong bearer token in 'authorization'"
+_LIMITED = "too many failed authentications from this address; try again later"
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, limiter: FailedAuthLimiter) -> grpc.RpcMethodHandler:
+    """A handler that refuses without reading the request: request streaming, so nothing is deserialized."""
+
+    async def deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        peer = peer_address(context)
+        if limiter.limited(peer):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _LIMITED)
+        limiter.failed(peer)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        await deny(requests, context)
         yield  # pragma: no cover  (makes this an async generator)
 
-    deserializer = handler.request_deserializer if handler else None
     serializer = handler.response_serializer if handler else None
-    if handler is not None and handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            deny_stream, request_deserializer=deserializer, response_serializer=serializer
+    if handler is not None and (handler.unary_stream is not None or handler.stream_stream is not None):
+        return grpc.stream_stream_rpc_method_handler(deny_stream, response_serializer=serializer)
+    return grpc.stream_unary_rpc_method_handler(deny, response_serializer=serializer)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, limiter: FailedAuthLimiter) -> grpc.RpcMethodHandler:
+    """The real handler, refusing a peer over its failure budget even with the right token (or guessing would
+    go on: a right guess would show)."""
+
+    async def check(context: grpc.aio.ServicerContext) -> None:
+        if limiter.limited(peer_address(context)):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _LIMITED)
+
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
-    return grpc.unary_unary_rpc_method_handler(deny, request_deserializer=deserializer, response_serializer=serializer)
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(context)
+            async for response in inner_stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+    return handler

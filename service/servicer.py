@@ -84,15 +84,20 @@ async def abort(context: Context, exc: BaseException) -> None:
     except Exception as exc:
         if not _ended(context):
             raise
-        # The call ended before its status could be sent (its deadline passed as the work failed with the same
-        # reason, or the client left): the client has its answer; grpc would log this race as an ERROR.
-        context.set_code(status.code)  # what the request log and metrics report
+        # The call ended before its status could be sent (its deadline passed, or the client left): the client has
+        # its answer, and the request log and metrics must say the same; grpc would log this race as an ERROR.
+        ended = grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+        context.set_code(ended)
         raise asyncio.CancelledError("the call ended before its status was sent") from exc
 
 
-def _ended(context: Context) -> bool:
+def _deadline_passed(context: Context) -> bool:
     remaining = context.time_remaining()
-    return context.cancelled() or (remaining is not None and remaining <= 0)
+    return remaining is not None and remaining <= 0
+
+
+def _ended(context: Context) -> bool:
+    return context.cancelled() or _deadline_passed(context)
 
 
 class _Admitted:

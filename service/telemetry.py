@@ -130,6 +130,25 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=parse, response_serializer=handler.response_serializer
             )
+        # Request-streaming handlers: no DiffusionService RPC is one, but the token check refuses with one (so it
+        # never reads a refused call's message).
+        if handler.stream_unary is not None:
+            inner_client = handler.stream_unary
+
+            async def client_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._observe(rpc, metadata, None, context):
+                    return await inner_client(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(client_stream, response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            inner_both = handler.stream_stream
+
+            async def both_streams(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with self._observe(rpc, metadata, None, context):
+                    async for response in inner_both(requests, context):
+                        yield response
+
+            return grpc.stream_stream_rpc_method_handler(both_streams, response_serializer=handler.response_serializer)
         return handler
 
     def _observe(
@@ -214,7 +233,9 @@ class _Observation:
             "batch_size": s.batch_size(),
             "images": len(s.items),
         }
-        if log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG, and cut
+        if code == "UNAUTHENTICATED":  # counted; the token check logs one sampled line per peer, not one per guess
+            pass
+        elif log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG, and cut
             fields["prompt"] = str(getattr(self.request, "prompt", ""))[:200]
             log.debug(self._format(fields))
         else:
@@ -231,12 +252,20 @@ class _Observation:
 
 
 def _code_name(context: Any, kind: type[BaseException] | None) -> str:
+    """The status the client got. A handler that ended without one ended because the call did: its deadline
+    passed (DEADLINE_EXCEEDED, as the client saw it), or the client cancelled it (CANCELLED; a cancelled stream
+    ends with GeneratorExit or CancelledError); anything else is UNKNOWN, a bug worth a look."""
     code = context.code()
-    if code is None:
-        if kind is None:
-            return "OK"
-        return "CANCELLED" if kind.__name__ == "CancelledError" else "UNKNOWN"
-    return str(getattr(code, "name", code))  # a grpc.StatusCode; anything else as it is
+    if code is not None:
+        return str(getattr(code, "name", code))  # a grpc.StatusCode; anything else as it is
+    if kind is None:
+        return "OK"
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    if kind.__name__ in ("CancelledError", "GeneratorExit") or context.cancelled():
+        return "CANCELLED"
+    return "UNKNOWN"
 
 
 class JsonFormatter(logging.Formatter):
@@ -246,6 +275,7 @@ class JsonFormatter(logging.Formatter):
         message = record.getMessage()
         if record.name == log.name and message.startswith("{"):  # a request line, JSON already
             return message
+        message = bounded(message)
         data = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": message}
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
@@ -258,7 +288,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message, args = record.msg, record.args
-        record.msg, record.args = _CONTROL.sub(lambda m: repr(m.group())[1:-1], record.getMessage()), None
+        escaped = _CONTROL.sub(lambda m: repr(m.group())[1:-1], bounded(record.getMessage()))
+        record.msg, record.args = escaped, None
         try:
             return super().format(record)
         finally:
@@ -266,6 +297,14 @@ class TextFormatter(logging.Formatter):
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_MESSAGE_CHARS = 4096  # a log message, whoever wrote it: a library quoting a client's value cannot flood the log
+
+
+def bounded(message: str) -> str:
+    """The message, cut to MAX_MESSAGE_CHARS with the number of characters left out."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
 
 
 class PromptFilter(logging.Filter):

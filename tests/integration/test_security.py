@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import tarfile
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -151,6 +152,15 @@ def call_with(client, arguments: dict, **kw) -> grpc.RpcError:
         ({"latents": [[0.0]]}, "arguments.latents"),
         ({"eta": float("nan")}, "arguments.eta"),
         ({"sigmas": [float("inf")]}, "arguments.sigmas"),
+        # A list of prompts makes an image each: it counts against --max-images (4 here) like num_images does.
+        ({"prompt": ["x"] * 64}, "arguments.prompt"),
+        ({"prompt": ["x"] * 2, "num_images_per_prompt": 3}, "arguments.prompt"),
+        ({"prompt": "x", "negative_prompt": ["y"] * 5}, "arguments.negative_prompt"),
+        ({"prompt": ["x"] * 200_000}, "arguments.prompt"),
+        # Keys of object arguments reach diffusers, which quotes unknown ones in a warning at every attention call.
+        ({"cross_attention_kwargs": {"k" * 100_000: 1}}, "arguments.cross_attention_kwargs"),
+        ({"cross_attention_kwargs": {"not_a_processor_key": 1}}, "arguments.cross_attention_kwargs"),
+        ({"cross_attention_kwargs": {f"k{i}": 1 for i in range(1000)}}, "arguments.cross_attention_kwargs"),
     ],
 )
 def test_call_is_held_to_the_server_limits_and_refuses_what_json_cannot_be(served, client, arguments, field):
@@ -158,6 +168,26 @@ def test_call_is_held_to_the_server_limits_and_refuses_what_json_cannot_be(serve
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in bad_request_fields(error)
     assert health_status(served[1]) == SERVING
+
+
+def test_a_list_prompt_within_the_limits_makes_one_image_per_prompt(client):
+    reply = client.call("__call__", {"prompt": ["a", "b", "c"], "num_inference_steps": 1}, seed=3)
+    assert len(reply.images) == 3
+
+
+def test_the_lora_scale_is_the_one_cross_attention_key_a_call_may_pass(client):
+    assert client.call("__call__", {"prompt": "x", "num_inference_steps": 1, "cross_attention_kwargs": {"scale": 0.5}})
+
+
+def test_no_log_message_outgrows_its_bound():
+    import logging as logging_module
+
+    from service.telemetry import MAX_MESSAGE_CHARS, JsonFormatter, TextFormatter
+
+    record = logging_module.LogRecord("diffusers", logging_module.WARNING, __file__, 1, "%s", ("k" * 10**6,), None)
+    for formatter in (TextFormatter("%(message)s"), JsonFormatter()):
+        line = formatter.format(record)
+        assert len(line) < MAX_MESSAGE_CHARS + 200 and "more characters" in line
 
 
 @pytest.mark.parametrize("arguments", [{"clip_skip": 1000}, {"clip_skip": 0}, {"cross_attention_kwargs": []}])
@@ -168,8 +198,16 @@ def test_call_arguments_the_pipeline_rejects_are_invalid_argument_not_internal(s
 
 
 def test_a_huge_float_argument_stays_a_float(client):
-    """1e308 was turned into an int, and the scheduler's arithmetic overflowed (INTERNAL): now it runs."""
-    assert client.call("__call__", {"prompt": "x", "num_inference_steps": 1, "eta": 1e308}).images
+    """1e308 was turned into an int, and the scheduler's arithmetic overflowed (INTERNAL): now it runs, and its
+    non-finite result is the client's error (a garbage image is no answer)."""
+    error = call_with(client, {"eta": 1e308})
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in error.details()
+
+
+def test_a_call_whose_output_is_not_finite_is_invalid_argument_not_garbage(client):
+    """guidance_scale 1e308 passed every check and returned OK with a garbage image (the typed RPCs refuse it)."""
+    error = call_with(client, {"guidance_scale": 1e308, "num_inference_steps": 2})
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "non-finite" in error.details()
 
 
 def test_call_with_an_image_argument_the_model_cannot_use_is_invalid_argument(client):
@@ -325,6 +363,14 @@ def test_cancelled_streams_leave_no_request_counted_in_flight(served, client):
     wait_for(lambda: server.telemetry.in_flight == 0, what="every cancelled stream to be counted out")
 
 
+def test_a_count_over_its_limit_is_invalid_argument_before_the_reply_size_is_judged(client):
+    """num_images 10000 used to be refused for the size of its reply (RESOURCE_EXHAUSTED): a value the client
+    chose that breaks a documented limit is an invalid argument, named."""
+    error = refused(lambda: client.text_to_image("x", steps=1, num_images=10000))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "params.num_images" in bad_request_fields(error)
+
+
 def test_the_pixel_budget_and_the_reply_size_are_checked_before_any_work(store):
     with running_server(store, max_pixel_steps=600_000, max_message_mb=1) as (server, target):
         with DiffusionClient(target) as client:
@@ -332,20 +378,79 @@ def test_the_pixel_budget_and_the_reply_size_are_checked_before_any_work(store):
             assert budget.code() == grpc.StatusCode.INVALID_ARGUMENT and "params" in bad_request_fields(budget)
             reply = refused(lambda: client.text_to_image("x", steps=1, width=512, height=512, num_images=2))
             assert reply.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in reply.details()
+            # A Call's list of prompts counts the same: 3 prompts x 64 x 64 x 50 steps is over the budget, and
+            # 3 prompts at 344 x 344 over the reply limit, although each prompt alone is within both.
+            arguments = {"prompt": ["a", "b", "c"], "num_inference_steps": 50}
+            listed = refused(lambda: client.call("__call__", arguments))
+            assert listed.code() == grpc.StatusCode.INVALID_ARGUMENT and "arguments" in bad_request_fields(listed)
+            arguments = {"prompt": ["a", "b", "c"], "num_inference_steps": 1, "height": 344, "width": 344}
+            listed = refused(lambda: client.call("__call__", arguments))
+            assert listed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message limit" in listed.details()
         assert server.stats.sizes == {}  # nothing ran
 
 
-def test_refused_unauthenticated_calls_are_logged_and_counted(store, caplog):
-    caplog.set_level(logging.INFO, logger="diffusers_grpc.requests")
+def test_refused_unauthenticated_calls_are_counted_and_logged_as_one_sampled_line_per_peer(store, caplog):
+    caplog.set_level(logging.INFO)
     port = free_port()
     with running_server(store, auth_token="s3cret", metrics_port=port) as (_, target), DiffusionClient(target) as c:
-        assert refused(lambda: c.list_models(timeout=30)).code() == grpc.StatusCode.UNAUTHENTICATED
+        for _ in range(5):  # a guessing client: every attempt counted, one line said
+            assert refused(lambda: c.list_models(timeout=30)).code() == grpc.StatusCode.UNAUTHENTICATED
+        assert refused(lambda: list(c.stream(pb.TextToImageRequest(prompt="x")))).code() == UNAUTHENTICATED
 
-        def counted():
-            return "UNAUTHENTICATED" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        def counted() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            lines = [line for line in text.splitlines() if line.startswith("diffusers_grpc_requests_total{")]
+            return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'code="UNAUTHENTICATED"' in line)
 
-        wait_for(counted, what="the refused call to be counted")
-    assert any("code=UNAUTHENTICATED" in r.getMessage() for r in caplog.records if r.name == "diffusers_grpc.requests")
+        wait_for(lambda: counted() == 6, what="the six refused calls to be counted")
+    lines = [r.getMessage() for r in caplog.records if "authentication" in r.getMessage()]
+    assert len(lines) == 1 and "ipv4:127.0.0.1" in lines[0], lines
+    assert not any("UNAUTHENTICATED" in r.getMessage() for r in caplog.records if r.name == "diffusers_grpc.requests")
+
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_peer_that_fails_too_often_is_refused_even_with_the_right_token_until_its_window_ends(store):
+    with running_server(store, auth_token="s3cret") as (server, target):
+        now = [0.0]
+        server.auth.limiter._clock = lambda: now[0]
+        with DiffusionClient(target, metadata={"authorization": "Bearer guess"}) as guessing:
+            codes = [refused(lambda: guessing.list_models(timeout=30)).code() for _ in range(25)]
+        assert codes[:21] == [UNAUTHENTICATED] * 21 and set(codes[21:]) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        with DiffusionClient(target, metadata={"authorization": "Bearer s3cret"}) as right:
+            assert refused(lambda: right.list_models(timeout=30)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            now[0] = 11.0  # the window has ended
+            assert right.list_models(timeout=30).models
+
+
+def test_an_unauthenticated_call_is_refused_before_its_message_is_read(store_home, tmp_path):
+    """16 parallel 48 MiB requests without a token: the server never holds their bodies (it took RSS from
+    480 MB to 1607 MB when it parsed them before refusing)."""
+    import psutil
+    from helpers import wait_serving
+
+    port = free_port()
+    process = subprocess.Popen(
+        cli("serve", "--host", "127.0.0.1", "--port", str(port), "--auth-token", "s3cret", "--drain-seconds", "0"),
+        env={**os.environ, "DIFFUSERS_GRPC_HOME": str(store_home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, process=process)
+        before = psutil.Process(process.pid).memory_info().rss
+        big = pb.TextToImageRequest(prompt="x" * (48 << 20))
+        with DiffusionClient(target) as client, ThreadPoolExecutor(16) as pool:
+            calls = [pool.submit(client.stub.TextToImage, big, timeout=60) for _ in range(16)]
+            codes = {refused(call.result).code() for call in calls}
+        grown = psutil.Process(process.pid).memory_info().rss - before
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert codes == {UNAUTHENTICATED}
+    assert grown < 200 << 20, f"RSS grew by {grown >> 20} MiB"
 
 
 def test_metrics_listen_on_the_server_host_unless_told_otherwise(served):
