@@ -117,6 +117,7 @@ class Executor:
         *,
         max_batch_size: int = 8,
         max_queue: int = 256,
+        max_queue_per_client: int | None = None,
         max_wait: float = 0.0,
         clock: Clock = time.monotonic,
         on_batch: Callable[[BatchReport], None] | None = None,
@@ -127,7 +128,7 @@ class Executor:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.policy = BatchPolicy(max_batch_size, max_wait)
-        self.queue = BatchQueue(max_queue, clock, self.policy)
+        self.queue = BatchQueue(max_queue, clock, self.policy, max_queue_per_client)
         self._clock = clock
         self._on_batch = on_batch
         self._factories = list(backend_factories)
@@ -296,9 +297,12 @@ class Executor:
         if not progress.interrupted:
             self.policy.observe(key, len(live), finished - started)
         self._report(name, key, live, started, "interrupted" if progress.interrupted else "ok")
+        now = self._clock()
         for item, result in zip(live, results):
             if item.cancel_requested:  # the caller has gone; an interrupted call's output is partial anyway
                 set_exception(item.future, ItemCancelledError("cancelled while running"))
+            elif progress.interrupted or _expired(item, now):
+                set_exception(item.future, DeadlineExceededError("the deadline passed while the item was running"))
             else:
                 set_result(item.future, result)
 
@@ -442,9 +446,14 @@ class _Progress:
         elapsed = self.clock() - self.started
         for index, item in enumerate(self.items):
             _send_progress(item, StepEvent(step, total, elapsed, latents[index] if per_item else None))
-        if all(item.cancel_requested for item in self.items):
-            self.interrupted = True
+        now = self.clock()
+        if all(item.cancel_requested or _expired(item, now) for item in self.items):
+            self.interrupted = True  # nobody waits for this call's result any more
         return not self.interrupted
+
+
+def _expired(item: WorkItem, now: float) -> bool:
+    return item.deadline is not None and now >= item.deadline
 
 
 def _send_progress(item: WorkItem, event: StepEvent) -> None:

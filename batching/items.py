@@ -120,6 +120,8 @@ class WorkItem:
     seed: int
     deadline: float | None = None  # in the executor clock's time (time.monotonic by default)
     on_progress: ProgressCallback | None = None
+    client: str = ""  # who asked (an identity, an address): the queue gives each client its share
+    cost: int = 1  # images it makes: what it takes of the queue (a Call with a list of prompts makes several)
     future: Future[Any] = field(default_factory=Future)
     trace: ItemTrace = field(default_factory=ItemTrace, repr=False)
     _cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -23,6 +23,7 @@ FORGET = 0.9  # weight kept by past observations at each new one
 PAYING_ROWS = 9.0  # a tick may hold up to PAYING_ROWS * fixed / per_row rows: the last doubling still pays 10%
 RATE_WEIGHT = 0.2  # weight of the newest inter-arrival gap
 OOM_COOLDOWN = 60.0  # seconds a lowered batch limit holds
+MAX_TICK_SECONDS = 1.0  # a step-engine tick may hold only the rows the cost model says run within this
 
 
 @dataclass
@@ -74,9 +75,10 @@ class _Arrivals:
 class BatchPolicy:
     """Thread-safe: the queue calls `arrived`/`wait_until`, workers call `observe`/`out_of_memory`."""
 
-    def __init__(self, max_batch_size: int, max_wait: float) -> None:
+    def __init__(self, max_batch_size: int, max_wait: float, max_tick_seconds: float = MAX_TICK_SECONDS) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
+        self.max_tick_seconds = max_tick_seconds
         self._lock = threading.Lock()
         self._costs: dict[Hashable, _CostFit] = {}
         self._arrivals: dict[Hashable, _Arrivals] = {}
@@ -116,6 +118,8 @@ class BatchPolicy:
         At most two per item of `max_batch_size` (classifier-free guidance), fewer for a while after an
         out-of-memory, and fewer where the learned tick cost says more rows no longer pay: with t(r) = fixed +
         per_row * r, doubling the rows to r still gains >= 10% throughput only while r <= 9 * fixed / per_row.
+        Nor more than a tick of `max_tick_seconds` holds (one item always fits): a set of huge images cannot keep
+        the worker from the other sets for long, since sets take turns tick by tick.
         """
         budget = 2 * self.max_batch_size
         with self._lock:
@@ -126,6 +130,8 @@ class BatchPolicy:
             budget = min(budget, lowered[0])
         if line is not None and line[1] > 0:
             budget = min(budget, max(2, int(PAYING_ROWS * line[0] / line[1])))
+            # One set's tick must not hold the worker long: other sets (small requests) tick in between.
+            budget = min(budget, max(2, int((self.max_tick_seconds - line[0]) / line[1])))
         return budget
 
     def wait_until(

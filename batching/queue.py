@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import DeadlineExceededError, ItemCancelledError, QueueFullError, WorkerUnavailableError
@@ -31,16 +32,32 @@ class Batch:
 
 
 class BatchQueue:
-    """Holds items until a worker takes them. Thread-safe; workers block on a condition, never poll."""
+    """Holds items until a worker takes them. Thread-safe; workers block on a condition, never poll.
 
-    def __init__(self, max_items: int, clock: Clock = time.monotonic, policy: BatchPolicy | None = None) -> None:
+    Capacity counts images (`WorkItem.cost`), not requests. Each client (`WorkItem.client`) has a share,
+    `max_per_client` (default a quarter of the queue): beyond it, a client's request is taken only while no other
+    client is waiting and the queue keeps a share free, so one client's flood never locks another out. Within a
+    group, workers take items round-robin across clients, so a client's backlog never delays another's first image.
+    """
+
+    def __init__(
+        self,
+        max_items: int,
+        clock: Clock = time.monotonic,
+        policy: BatchPolicy | None = None,
+        max_per_client: int | None = None,
+    ) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         self.max_items = max_items
+        self.max_per_client = max_per_client if max_per_client is not None else max(1, max_items // 4)
         self._clock = clock
         self.policy = policy
         self._groups: OrderedDict[BatchKey, deque[_Entry]] = OrderedDict()
         self._size = 0
+        self._by_client: Counter[str] = Counter()  # queued cost per client
+        self._last_turn: dict[str, int] = {}  # when each client with queued items was last served
+        self._turns = itertools.count()
         self._closed = False
         self._cond = threading.Condition()
 
@@ -53,14 +70,25 @@ class BatchQueue:
         with self._cond:
             if self._closed:
                 raise WorkerUnavailableError("the executor is not accepting work (shutting down or no live worker)")
-            if self._size + len(items) > self.max_items:
+            cost = sum(item.cost for item in items)
+            if self._size + cost > self.max_items:
                 raise QueueFullError(
-                    f"queue full: {self._size} items waiting, limit {self.max_items}, request needs {len(items)}"
+                    f"queue full: {self._size} images waiting, limit {self.max_items}, request needs {cost}"
                 )
+            client = items[0].client if items else ""
+            held = self._by_client[client]
+            if held + cost > self.max_per_client:
+                others_wait = self._size - held > 0
+                if others_wait or self._size + cost > self.max_items - self.max_per_client:
+                    raise QueueFullError(
+                        f"queue full for this client: it has {held} images waiting, its share is "
+                        f"{self.max_per_client} while others wait, request needs {cost}"
+                    )
             now = self._clock()
             for item in items:
                 self._groups.setdefault(item.key, deque()).append(_Entry(item, now))
-            self._size += len(items)
+                self._by_client[item.client] += item.cost
+            self._size += cost
             if self.policy is not None and items:
                 self.policy.arrived(items[0].key, now, len(items))
             self._cond.notify(len(items))
@@ -109,7 +137,8 @@ class BatchQueue:
                 arrived = item.trace.started - item.trace.queue_wait
                 entries = [*self._groups.get(item.key, ()), _Entry(item, arrived)]
                 self._groups[item.key] = deque(sorted(entries, key=lambda e: e.arrived))
-            self._size += len(items)
+                self._by_client[item.client] += item.cost
+            self._size += sum(item.cost for item in items)
             self._cond.notify(len(items))
 
     def fail_all(self, error: BaseException) -> int:
@@ -121,6 +150,8 @@ class BatchQueue:
                     set_exception(entry.item.future, error)
                     failed += 1
             self._groups.clear()
+            self._by_client.clear()
+            self._last_turn.clear()
             self._size = 0
             return failed
 
@@ -133,18 +164,47 @@ class BatchQueue:
         return self.policy.wait_until(key, len(entries), entries[0].arrived, now, limit)
 
     def _pop(self, key: BatchKey, limit: int, now: float) -> Batch:
+        """Up to `limit` items of the group, round-robin across its clients (the one served longest ago first,
+        across takes too), each client's items in arrival order."""
         entries = self._groups[key]
-        taken = [entries.popleft() for _ in range(min(limit, len(entries)))]
+        if len({entry.item.client for entry in entries}) == 1:
+            taken = [entries.popleft() for _ in range(min(limit, len(entries)))]
+            self._last_turn[taken[0].item.client] = next(self._turns)
+        else:
+            by_client: dict[str, deque[_Entry]] = {}
+            for entry in entries:
+                by_client.setdefault(entry.item.client, deque()).append(entry)
+            taken = []
+            while len(taken) < limit and by_client:
+                client = min(by_client, key=lambda c: self._last_turn.get(c, -1))  # ties: the oldest item first
+                taken.append(by_client[client].popleft())
+                self._last_turn[client] = next(self._turns)
+                if not by_client[client]:
+                    del by_client[client]
+            chosen = {id(entry) for entry in taken}
+            self._groups[key] = entries = deque(entry for entry in entries if id(entry) not in chosen)
         if not entries:
             del self._groups[key]
-        self._size -= len(taken)
+        self._forget(entry.item for entry in taken)
         return Batch(key, [e.item for e in taken], [now - e.arrived for e in taken])
+
+    def _forget(self, items: Iterable[WorkItem]) -> None:
+        for item in items:
+            self._size -= item.cost
+            self._by_client[item.client] -= item.cost
+            if self._by_client[item.client] <= 0:  # nothing queued: it has no turn to wait for
+                del self._by_client[item.client]
+                self._last_turn.pop(item.client, None)
 
     def _drop_dead(self, now: float) -> None:
         for key in list(self._groups):
             entries = self._groups[key]
-            alive = deque(e for e in entries if not _dead(e.item, now))
-            self._size -= len(entries) - len(alive)
+            alive: deque[_Entry] = deque()
+            for entry in entries:
+                if _dead(entry.item, now):
+                    self._forget((entry.item,))
+                else:
+                    alive.append(entry)
             if alive:
                 self._groups[key] = alive
             else:

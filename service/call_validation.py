@@ -14,7 +14,7 @@ from model_store.tags import shown
 
 from .domain import CallRequest
 from .errors import Unimplemented
-from .generation import CallJob
+from .generation import CallJob, images_asked
 from .registry import ModelRegistry, ServedModel
 from .validation import FALLBACK_STEPS, Limits, Violations, decoded_image, mime_type_of
 
@@ -24,8 +24,6 @@ MAX_ARGUMENT_DEPTH = 16  # lists and objects inside arguments: deeper is no pipe
 # Arguments diffusers pipelines take for the work a call does: held to the server's limits.
 COUNTS = ("num_images_per_prompt", "batch_size")
 FRAMES = "num_frames"
-# Per-prompt arguments: a list of N makes N images (times num_images_per_prompt).
-PER_PROMPT = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
 MAX_LIST_ITEMS = 1024  # a list argument (prompts are held to --max-images before this)
 MAX_OBJECT_KEYS = 32  # an object argument
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -124,21 +122,6 @@ def _check_dict_arguments(arguments: dict[str, Any], bad: Violations) -> None:
                 "arguments.cross_attention_kwargs",
                 f"takes only {', '.join(sorted(CROSS_ATTENTION_KEYS))} (the LoRA scale); got {shown(unknown[0], 40)}",
             )
-
-
-def images_asked(arguments: dict[str, Any]) -> tuple[int, str]:
-    """How many images a call makes: every list-valued prompt counts its prompts, and `batch_size` and
-    `num_images_per_prompt` multiply (frames are counted apart); and the argument to name when that is too many."""
-    ints = {name: value for name, value in arguments.items() if isinstance(value, int) and not isinstance(value, bool)}
-    lists = {name: len(value) for name, value in arguments.items() if name in PER_PROMPT and isinstance(value, list)}
-    field = max(lists, key=lambda name: lists[name]) if lists else "num_images_per_prompt"
-    prompts = lists.get(field, 1)
-    if ints.get("batch_size", 1) > prompts:
-        prompts, field = ints["batch_size"], "batch_size"
-    per_prompt = ints.get("num_images_per_prompt", 1)
-    if prompts == 1:
-        field = "num_images_per_prompt"
-    return prompts * per_prompt, field
 
 
 def _check_work(

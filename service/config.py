@@ -65,6 +65,9 @@ class ServerConfig:
     max_input_pixels: int = 4096 * 4096
     max_pixel_steps: int = 2**31  # images x height x width x steps of one request (8 at 1024x1024 x 256 steps)
     max_prompt_chars: int = 4096  # each prompt, and each text argument of a Call
+    max_queue_per_client: int | None = None  # a client's share of the queue while others wait; None: a quarter
+    client_id_header: str | None = None  # metadata naming the client; None: the authenticated identity, else peer
+    max_adapters_per_request: int = 8
 
     def __post_init__(self) -> None:
         if not self.tags:
@@ -83,8 +86,13 @@ class ServerConfig:
             "max_input_pixels",
             "max_pixel_steps",
             "max_prompt_chars",
+            "max_adapters_per_request",
         ):
             _check_range(name, getattr(self, name), 1, None)
+        if self.max_queue_per_client is not None:
+            _check_range("max_queue_per_client", self.max_queue_per_client, 1, self.max_queue)
+        if self.client_id_header is not None and not re.fullmatch(r"[a-z0-9-]{1,64}", self.client_id_header):
+            raise ConfigError(f"client_id_header must be a lower-case metadata key, got {self.client_id_header!r}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         for name in ("grace_seconds", "drain_seconds", "max_connection_age_seconds", "keepalive_seconds"):

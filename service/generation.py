@@ -136,14 +136,23 @@ class Generation:
             inputs[control] = images[0] if len(images) == 1 else list(images)  # MultiControlNet: one per net
         return inputs
 
-    def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
+    def work_items(
+        self, deadline: float | None, on_progress: ProgressCallback | None = None, client: str = ""
+    ) -> list[WorkItem]:
         """One item per image; the first carries the progress callback (Stream reports on the first image)."""
         if self.served.engines.get(self.signature.name) == "step":
             key, inputs = self.step_key(), {STEP_INPUT: self.step_inputs()}
         else:
             key, inputs = self.batch_key(), self.item_inputs()
         return [
-            WorkItem(key=key, inputs=inputs, seed=seed, deadline=deadline, on_progress=on_progress if i == 0 else None)
+            WorkItem(
+                key=key,
+                inputs=inputs,
+                seed=seed,
+                deadline=deadline,
+                on_progress=on_progress if i == 0 else None,
+                client=client,
+            )
             for i, seed in enumerate(self.seeds())
         ]
 
@@ -221,7 +230,9 @@ class CallJob:
     mime_type: str = "image/png"
     animated_webp: bool = False  # also return video outputs as animated WebP
 
-    def work_items(self, deadline: float | None, on_progress: ProgressCallback | None = None) -> list[WorkItem]:
+    def work_items(
+        self, deadline: float | None, on_progress: ProgressCallback | None = None, client: str = ""
+    ) -> list[WorkItem]:
         per_item = {k: v for k, v in self.arguments.items() if k in PER_ITEM_ARGUMENTS and isinstance(v, str)}
         per_item.update(self.images)
         shared = {k: _hashable(v) for k, v in self.arguments.items() if k not in per_item}
@@ -235,12 +246,33 @@ class CallJob:
             batch_dim=self.signature.batch_dim,
             group={f"size:{k}": image.size for k, image in self.images.items()},
         )
-        return [WorkItem(key=key, inputs=per_item, seed=self.seed, deadline=deadline, on_progress=on_progress)]
+        images, _ = images_asked(dict(self.arguments))
+        item = WorkItem(key, per_item, self.seed, deadline, on_progress, client=client, cost=images)
+        return [item]
 
     def describe(self, seed: int) -> Mapping[str, str]:
         text = {"model": self.served.tag, "signature": self.signature.name, "seed": str(seed)}
         text.update({k: str(v) for k, v in self.arguments.items()})
         return text
+
+
+# Per-prompt arguments of a Call: a list of N makes N images (times num_images_per_prompt).
+PER_PROMPT = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+def images_asked(arguments: dict[str, Any]) -> tuple[int, str]:
+    """How many images a call makes: every list-valued prompt counts its prompts, and `batch_size` and
+    `num_images_per_prompt` multiply (frames are counted apart); and the argument to name when that is too many."""
+    ints = {name: value for name, value in arguments.items() if isinstance(value, int) and not isinstance(value, bool)}
+    lists = {name: len(value) for name, value in arguments.items() if name in PER_PROMPT and isinstance(value, list)}
+    field = max(lists, key=lambda name: lists[name]) if lists else "num_images_per_prompt"
+    prompts = lists.get(field, 1)
+    if ints.get("batch_size", 1) > prompts:
+        prompts, field = ints["batch_size"], "batch_size"
+    per_prompt = ints.get("num_images_per_prompt", 1)
+    if prompts == 1:
+        field = "num_images_per_prompt"
+    return prompts * per_prompt, field
 
 
 def _hashable(value: Any) -> Hashable:

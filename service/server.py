@@ -80,7 +80,9 @@ class DiffusionServer:
         self.executor = build_executor(config, self.registry, self.devices, self._on_batch, factory)
         self.executor.on_unhealthy = self._on_worker_death
         self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
-        self.servicer = DiffusionServicer(self.registry, self.executor, Limits.of(config))
+        self.servicer = DiffusionServicer(
+            self.registry, self.executor, Limits.of(config), client_id_header=config.client_id_header
+        )
         self.health = health.aio.HealthServicer()
         self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")
         # Telemetry first (outermost): a call the token check refuses is still logged and counted.

@@ -28,6 +28,7 @@ from .errors import FieldViolation, InvalidArgument, Unavailable, status_for
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 from .registry import ModelRegistry, ServedModel
+from .security import peer_address
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,18 @@ _admitted: ContextVar[_Admitted | None] = ContextVar("admitted", default=None)
 
 
 class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
-    def __init__(self, registry: ModelRegistry, executor: Executor, limits: Limits, encode_threads: int = 2) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        executor: Executor,
+        limits: Limits,
+        encode_threads: int = 2,
+        client_id_header: str | None = None,
+    ) -> None:
         self.registry = registry
         self.executor = executor
         self.limits = limits
+        self.client_id_header = client_id_header
         self.accepting = False  # set by the server once the models are warm
         self.admitting = 0  # accepted calls whose work is not queued yet: a drain lets them queue it first
         self._encoder = ThreadPoolExecutor(encode_threads, thread_name_prefix="codec")
@@ -215,14 +224,26 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     ) -> convert.TypedResponse:
         self._resolve(request.model)
         job = await self._off_loop(validation.generation, request, self.registry, self.limits)
-        results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
+        results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress, self._client(context)))
         return await self._off_loop(convert.task_response, job, results)
 
     async def _call(self, request: CallRequest, context: Context, on_progress: ProgressCallback | None) -> Any:
         self._resolve(request.model)
         job = await self._off_loop(call_validation.call_job, request, self.registry, self.limits)
-        (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress))
+        (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress, self._client(context)))
         return await self._off_loop(convert.call_response, job, result)
+
+    def _client(self, context: Context) -> str:
+        """Who asks, for the queue's per-client share: the operator's header when it names one (cut, as any client
+        value), else the mTLS identity, else the peer address without its port. Never logged, never a label."""
+        if self.client_id_header:
+            given = dict(context.invocation_metadata() or ()).get(self.client_id_header)
+            if given:
+                return f"header:{str(given)[:128]}"
+        identity = (context.auth_context() or {}).get("x509_common_name")
+        if identity:
+            return f"tls:{identity[0].decode(errors='replace')[:128]}"
+        return f"peer:{peer_address(context)}"
 
     def _resolve(self, tag: str) -> ServedModel:
         """The served model a request names; from now on its tag labels the request's metrics and log line."""

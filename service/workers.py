@@ -117,6 +117,7 @@ def build_executor(
         workers,
         max_batch_size=config.max_batch_size,
         max_queue=config.max_queue,
+        max_queue_per_client=config.max_queue_per_client,
         max_wait=config.max_wait_ms / 1000.0,
         on_batch=on_batch,
     )

@@ -88,6 +88,24 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ),
     ("--max-prompt-chars", "max_prompt_chars", int, "longest prompt, and text argument of a Call (default 4096)"),
     (
+        "--max-queue-per-client",
+        "max_queue_per_client",
+        int,
+        "a client's share of the queue, in images, while others wait (default: a quarter of --max-queue)",
+    ),
+    (
+        "--client-id-header",
+        "client_id_header",
+        str,
+        "metadata key that names the client for its queue share (default: the mTLS identity, else the peer address)",
+    ),
+    (
+        "--max-adapters-per-request",
+        "max_adapters_per_request",
+        int,
+        "most LoRAs one request may name (default 8)",
+    ),
+    (
         "--batching",
         "batching",
         str,

@@ -403,3 +403,38 @@ def test_only_completed_uninterrupted_calls_teach_the_cost_model_at_their_real_s
     executor.shutdown(5)
     # Not the interrupted call, nor the failed batch of two; the two retries, each at the size it ran (1).
     assert observed == [(key(), 1)]
+
+
+def client_item(k, client, cost=1):
+    return WorkItem(key=k, inputs={"prompt": "p"}, seed=0, client=client, cost=cost)
+
+
+def test_a_client_beyond_its_share_is_queued_only_while_no_one_else_waits_and_a_share_stays_free():
+    queue = BatchQueue(max_items=8)  # share: 2
+    k = key()
+    for _ in range(6):  # alone: up to what leaves a share (2) free for others
+        queue.put([client_item(k, "flood")])
+    with pytest.raises(QueueFullError, match="for this client"):
+        queue.put([client_item(k, "flood")])
+    queue.put([client_item(k, "polite"), client_item(k, "polite")])  # its share, although the flood came first
+    assert len(queue) == 8
+    with pytest.raises(QueueFullError):
+        queue.put([client_item(k, "third")])  # the queue itself is full
+
+
+def test_a_call_that_makes_several_images_takes_that_much_of_the_queue():
+    queue = BatchQueue(max_items=8, max_per_client=8)
+    queue.put([client_item(key(), "a", cost=5)])
+    assert len(queue) == 5
+    with pytest.raises(QueueFullError, match="request needs 4"):
+        queue.put([client_item(key(), "b", cost=4)])
+
+
+def test_workers_take_round_robin_across_clients_across_takes():
+    queue = BatchQueue(max_items=32, max_per_client=32)
+    k = key()
+    for _ in range(6):
+        queue.put([client_item(k, "flood")])
+    queue.put([client_item(k, "polite"), client_item(k, "polite")])
+    order = [queue.take(lambda _: 1).items[0].client for _ in range(8)]
+    assert order[:4] == ["flood", "polite", "flood", "polite"], order

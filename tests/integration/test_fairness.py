@@ -1,0 +1,56 @@
+"""Fairness between clients on a real server: one client's flood neither locks another out of the queue nor
+delays its first image behind the flood's backlog. The worker is held at a gate while the queue fills, so the
+order is deterministic."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from inprocess import Gate, running_server
+
+from service.client import DiffusionClient
+from service.generated.diffusion.v1 import diffusion_pb2 as pb
+
+HEADER = "x-client"
+
+
+def request(seed: int, prompt: str = "x") -> pb.TextToImageRequest:
+    return pb.TextToImageRequest(prompt=prompt, params=pb.GenerationParams(seed=seed, num_inference_steps=2))
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_a_flooding_client_cannot_lock_out_another_and_does_not_go_first(store, batching):
+    gate = Gate()
+    config = {"max_queue": 16, "max_batch_size": 2, "client_id_header": HEADER, "batching": batching}
+    with (
+        running_server(store, factory=gate.factory, **config) as (server, target),
+        DiffusionClient(target, metadata={HEADER: "flood"}) as flood,
+        DiffusionClient(target, metadata={HEADER: "polite"}) as polite,
+    ):
+        first = flood.stub.TextToImage.future(request(0), timeout=120, metadata=flood.metadata)
+        assert gate.entered.wait(60)  # the worker holds the flood's first call: everything else queues
+        backlog, refused = [], None
+        for seed in range(1, 40):  # alone, the flood may use the queue up to what keeps a share (4) free
+            call = flood.stub.TextToImage.future(request(seed), timeout=120, metadata=flood.metadata)
+            try:
+                call.exception(timeout=0.5)  # refused at once, or still queued after half a second
+            except grpc.FutureTimeoutError:
+                backlog.append(call)
+                continue
+            refused = call.exception()
+            break
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(backlog) == 16 - 4 and len(server.executor.queue) == 12
+        mine = [polite.stub.TextToImage.future(request(100 + i), timeout=120, metadata=polite.metadata) for i in range(4)]
+        again = flood.stub.TextToImage.future(request(99), timeout=120, metadata=flood.metadata)
+        assert again.exception(timeout=60).code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # others wait now
+        finished: list[str] = []
+        for name, calls in (("flood", [first, *backlog]), ("polite", mine)):
+            for call in calls:
+                call.add_done_callback(lambda _, name=name: finished.append(name))
+        gate.release.set()
+        assert all(call.result(timeout=120).images for call in [first, *backlog, *mine])
+    # Round-robin across clients: the polite client's four images are served among the flood's first few, not
+    # after its backlog of twelve.
+    assert finished.index("polite") <= 2, finished
+    assert max(i for i, name in enumerate(finished) if name == "polite") < 10, finished
