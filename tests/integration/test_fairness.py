@@ -41,7 +41,8 @@ def test_a_flooding_client_cannot_lock_out_another_and_does_not_go_first(store, 
             break
         assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(backlog) == 16 - 4 and len(server.executor.queue) == 12
-        mine = [polite.stub.TextToImage.future(request(100 + i), timeout=120, metadata=polite.metadata) for i in range(4)]
+        send = polite.stub.TextToImage.future
+        mine = [send(request(100 + i), timeout=120, metadata=polite.metadata) for i in range(4)]
         again = flood.stub.TextToImage.future(request(99), timeout=120, metadata=flood.metadata)
         assert again.exception(timeout=60).code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # others wait now
         finished: list[str] = []
