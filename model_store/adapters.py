@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ LORA, EMBEDDING = "lora", "embedding"
 SAFE_SUFFIXES = (".safetensors",)
 # Tokens are matched anywhere in a prompt, even inside words ("cat" in "category"): require a delimited form.
 TOKEN = re.compile(r"<[A-Za-z0-9][A-Za-z0-9._-]{0,62}>")
+MAX_ADAPTER_BYTES = 4 << 30  # an SDXL LoRA of high rank is under 2 GiB; raise it with max_bytes (--max-size-gb)
 _HUB_PATTERNS = ["*.safetensors", "*.json", "*.bin", "*.pt"]
 
 
@@ -37,9 +39,10 @@ def import_lora(
     version: str | None = None,
     labels: Mapping[str, str] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_ADAPTER_BYTES,
 ) -> Model:
     """Store LoRA weights (any format `load_lora_weights` reads: diffusers, kohya, PEFT) for `base`."""
-    weights = _weights_file(source, allow_pickle)
+    weights = _weights_file(source, allow_pickle, max_bytes)
     _check_fits(store, base, LORA, weights, None)
     return _write(store, name, LORA, base, weights, None, version, labels, metadata)
 
@@ -55,6 +58,7 @@ def import_embedding(
     version: str | None = None,
     labels: Mapping[str, str] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_ADAPTER_BYTES,
 ) -> Model:
     """Store a textual-inversion embedding for `base`, used by writing `token` in a prompt."""
     if not TOKEN.fullmatch(token):
@@ -62,7 +66,7 @@ def import_embedding(
             f"token {token!r} must look like <name> (letters, digits, '.', '_', '-'): a bare word would also match "
             "inside other words of a prompt"
         )
-    weights = _weights_file(source, allow_pickle)
+    weights = _weights_file(source, allow_pickle, max_bytes)
     _check_fits(store, base, EMBEDDING, weights, token)
     return _write(store, name, EMBEDDING, base, weights, token, version, labels, metadata)
 
@@ -79,6 +83,43 @@ def adapters_for(store: ModelStore, base: str) -> list[Model]:
 def weights_path(model: Model) -> Path:
     """The weights file of a stored adapter."""
     return model.path / str(model.info.adapter["weights"])
+
+
+def adapter_problem(model: Model, *, allow_pickle: bool, full: bool = True) -> str | None:
+    """Why a stored adapter must not be served, or None: the rules `import-lora` and `import-embedding` apply,
+    checked again whatever the entry's origin (an archive, S3, a hand-made folder), since the store's own word in
+    model.yaml is data, not trust. The weights must be one plain file inside the entry, recorded with its sha256
+    (re-hashed when `full`), in safetensors unless the operator allows pickle; an embedding needs a delimited
+    token. (Whether it fits its base is known when a replica loads it.)"""
+    adapter = model.info.adapter
+    kind, weights, base = model.info.kind, adapter.get("weights"), adapter.get("base")
+    if kind not in (LORA, EMBEDDING):
+        return f"unknown adapter kind {kind!r}"
+    if not isinstance(base, str) or not base:
+        return "names no base model"
+    if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
+        return f"its weights {str(weights)[:80]!r} are not a file name inside the entry"
+    if weights not in model.info.files:
+        return f"its weights {weights} have no recorded sha256"
+    path = model.path / weights
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return f"its weights {weights} are missing"
+    if not stat.S_ISREG(mode):
+        return f"its weights {weights} are not a regular file"
+    if path.suffix in PICKLE_WEIGHTS and not allow_pickle:
+        return f"its weights {weights} are a pickle file, served only with --allow-pickle"
+    if path.suffix not in SAFE_SUFFIXES + PICKLE_WEIGHTS:
+        return f"its weights {weights} are neither .safetensors nor, with --allow-pickle, .bin/.pt"
+    token = adapter.get("token")
+    if kind == EMBEDDING and not (isinstance(token, str) and TOKEN.fullmatch(token)):
+        return f"its token {str(token)[:80]!r} is not of the form <name>"
+    try:
+        model.check_files(full=full)
+    except StoreError as exc:
+        return str(exc)
+    return None
 
 
 def _write(
@@ -103,7 +144,7 @@ def _write(
     return store.write_model(name, version, fill, labels, metadata, fields)
 
 
-def _weights_file(source: str | os.PathLike[str], allow_pickle: bool) -> Path:
+def _weights_file(source: str | os.PathLike[str], allow_pickle: bool, max_bytes: int) -> Path:
     """The one weights file a source names: a file, a folder holding one, or a hub id (resolved offline-first)."""
     path = Path(source).expanduser()
     if not path.exists():
@@ -122,6 +163,13 @@ def _weights_file(source: str | os.PathLike[str], allow_pickle: bool) -> Path:
         )
     if path.suffix not in SAFE_SUFFIXES + PICKLE_WEIGHTS:
         raise StoreError(f"{path.name}: adapter weights must be .safetensors (or, with --allow-pickle, .bin/.pt)")
+    if not path.is_file():
+        raise StoreError(f"{path}: adapter weights must be a regular file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise StoreError(
+            f"{path.name} is {size / 2**30:.2f} GiB, over the limit of {max_bytes / 2**30:g} GiB (--max-size-gb)"
+        )
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,9 +172,12 @@ class Model:
         for rel, entry in self.info.files.items():
             path = self.path / rel
             try:
-                size = path.stat().st_size
+                found = os.lstat(path)
             except FileNotFoundError:
                 raise IntegrityError(f"{self.tag}: file {rel} is missing") from None
+            if not stat.S_ISREG(found.st_mode):  # a FIFO would block the hash, a link could point anywhere
+                raise IntegrityError(f"{self.tag}: file {rel} is not a regular file")
+            size = found.st_size
             if size != entry.get("size", size):
                 raise IntegrityError(f"{self.tag}: file {rel} has size {size}, expected {entry['size']}")
             if full and sha256_file(path) != entry["sha256"]:

@@ -60,15 +60,29 @@ class ModelStore:
         return Model.load(folder)
 
     def list_models(self, name: str | None = None) -> list[Model]:
-        """Every stored model (or every version of `name`), sorted by name then version."""
+        """Every stored model (or every version of `name`), sorted by name then version. An entry that cannot be
+        read (truncated, half-copied by hand) is left out: `broken_entries` names it, and one bad entry never
+        hides the others."""
+        return self.scan(name)[0]
+
+    def broken_entries(self, name: str | None = None) -> list[tuple[Path, str]]:
+        """The entries `list_models` leaves out, with why."""
+        return self.scan(name)[1]
+
+    def scan(self, name: str | None = None) -> tuple[list[Model], list[tuple[Path, str]]]:
+        """(the models that load, the entries that do not with why), in one pass over the store."""
         if not self.models_dir.is_dir():
-            return []
+            return [], []
         names = [name] if name else sorted(p.name for p in self.models_dir.iterdir() if p.is_dir())
-        models = []
+        models, broken = [], []
         for model_name in names:
             for version in self._versions(model_name):
-                models.append(Model.load(self.models_dir / model_name / version))
-        return models
+                folder = self.models_dir / model_name / version
+                try:
+                    models.append(Model.load(folder))
+                except Exception as exc:  # whatever a damaged model.yaml makes the parser raise
+                    broken.append((folder, f"{type(exc).__name__}: {str(exc)[:200]}"))
+        return models, broken
 
     def _versions(self, name: str) -> list[str]:
         folder = self.models_dir / name

@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 LORA, EMBEDDING = "lora", "embedding"
 BASE_ROW = "__base__"  # PEFT's name for a row that uses no adapter
 UNET = "unet"
 OFF, ROWS = "off", "rows"  # what a component applies: no LoRA, or each row its own
+
+
+class AdapterLoadError(ValueError):
+    """A stored adapter does not load into the model it names as its base (shapes, targets): the request that
+    asked for it gets INVALID_ARGUMENT naming it, and the operator a warning; the server goes on."""
+
+
+Catalog = Callable[[], tuple[int, Iterable["Adapter"]]]
+"""What the store serves for a model now: (a version that changes with it, its adapters)."""
 
 
 @dataclass(frozen=True)
@@ -43,31 +54,96 @@ class ReplicaAdapters:
     worker's thread. Every change goes through `_set`, which touches a component only when what it should apply
     differs from what it does: steady traffic costs no module walks."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, catalog: Catalog | None = None) -> None:
         self.pipeline = pipeline
+        self.catalog = catalog  # what the store serves now: adapters gone from it (or replaced) are unloaded
         self.loras: set[str] = set()
         self.embeddings: set[str] = set()
+        self._loaded: dict[str, Adapter] = {}  # by name, with the stored file it came from (a version's)
+        self._seen_version: int | None = None
         self._holds: dict[str, set[str]] = {}  # component (unet, text_encoder...) -> the LoRAs it holds
         self._state: dict[str, Any] = {}  # component -> what it applies now: OFF, ROWS, or ((name, weight), ...)
         self._rows: tuple[list[str], dict[str, Any]] | None = None  # the mixed call in progress
         self._hooked: set[int] = set()
 
-    def ensure(self, adapters: Iterable[Adapter]) -> None:
-        """Load whatever of these is not loaded yet (an adapter added to the store while serving)."""
+    def ensure(self, adapters: Iterable[Adapter], *, skip_broken: bool = False) -> None:
+        """Load whatever of these is not loaded yet (an adapter added to the store while serving), and reload one
+        whose stored file changed (re-imported); first unload what the store no longer serves. Module walks
+        happen once per call, however many adapters load: start-up with many adapters stays linear. One that does
+        not load raises AdapterLoadError, or with `skip_broken` (start-up) is logged and left out."""
         from model_store.adapters import load_embedding
 
+        self._reconcile()
+        loaded = False
         for adapter in adapters:
-            if adapter.kind == LORA and adapter.name not in self.loras:
-                with warnings.catch_warnings():  # PEFT warns on every adapter after the first: several is the point
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
-                    self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
-                self.loras.add(adapter.name)
-                self._holds = {part: set(names) for part, names in self.pipeline.get_list_adapters().items()}
-                self._state.clear()  # loading made the new adapter the active one everywhere
-                self._hook_new_layers()
-            elif adapter.kind == EMBEDDING and adapter.name not in self.embeddings:
-                load_embedding(self.pipeline, Path(adapter.path), adapter.token or "")
-                self.embeddings.add(adapter.name)
+            held = self._loaded.get(adapter.name)
+            if held is not None and held.path == adapter.path:
+                continue
+            if held is not None:
+                self._unload(adapter.name)
+                loaded = loaded or held.kind == LORA
+            try:
+                if adapter.kind == LORA:
+                    with warnings.catch_warnings():
+                        # PEFT warns on every adapter after the first (several is the point), and when diffusers
+                        # deletes one that failed to load (the error says so).
+                        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+                        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                        self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
+                    self.loras.add(adapter.name)
+                    loaded = True
+                else:
+                    load_embedding(self.pipeline, Path(adapter.path), adapter.token or "")
+                    self.embeddings.add(adapter.name)
+            except Exception as exc:
+                reason = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
+                error = AdapterLoadError(f"adapter {adapter.name} cannot be loaded into this model ({reason})")
+                if not skip_broken:
+                    raise error from exc
+                log.warning("%s; requests that name it will be refused", error)  # at start-up: serve the others
+                continue
+            self._loaded[adapter.name] = adapter
+        if loaded:
+            self._loras_changed()
+
+    def _reconcile(self) -> None:
+        """Unload the adapters the store no longer serves, or serves from another file (once per catalog change)."""
+        if self.catalog is None:
+            return
+        version, current = self.catalog()
+        if version == self._seen_version:
+            return
+        self._seen_version = version
+        wanted = {adapter.name: adapter.path for adapter in current}
+        stale = [name for name, held in self._loaded.items() if wanted.get(name) != held.path]
+        loras = [name for name in stale if name in self.loras]
+        for name in stale:
+            self._unload(name)
+        if loras:
+            self._loras_changed()
+
+    def _unload(self, name: str) -> None:
+        """Free an adapter's weights: a LoRA's layers (the caller then calls `_loras_changed` once), or an
+        embedding's token in each text encoder."""
+        adapter = self._loaded.pop(name)
+        if adapter.kind == LORA:
+            self.loras.discard(name)
+            self.pipeline.delete_adapters([name])
+            return
+        self.embeddings.discard(name)
+        pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        for tokenizer, encoder in pairs:
+            if getattr(self.pipeline, encoder, None) is not None:
+                self.pipeline.unload_textual_inversion(
+                    tokens=[adapter.token],
+                    tokenizer=getattr(self.pipeline, tokenizer),
+                    text_encoder=getattr(self.pipeline, encoder),
+                )
+
+    def _loras_changed(self) -> None:
+        self._holds = {part: set(names) for part, names in self.pipeline.get_list_adapters().items()}
+        self._state.clear()  # loading made the new adapter the active one everywhere
+        self._hook_new_layers()
 
     def apply(self, loras: Sequence[Adapter]) -> None:
         """Set the LoRAs of a whole pipeline call, as a direct call's `set_adapters` (or `disable_lora`) does."""

@@ -330,6 +330,15 @@ class StepEngine:
                 fresh.setdefault(item.key.model, []).append(item)
         for tag, items in fresh.items():
             model = self._models[tag]
+            loadable = []
+            for item in items:  # an adapter that does not load fails its own items, not its encode group
+                try:
+                    spec = _spec(item)
+                    model.adapters.ensure((*spec.loras, *spec.embeddings))
+                    loadable.append(item)
+                except Exception as exc:
+                    failed.append((item, exc))
+            items = loadable
             specs = [_spec(item) for item in items]
             for indices in _encode_groups(model.family, specs):
                 group_items = [items[i] for i in indices]

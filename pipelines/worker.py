@@ -11,7 +11,7 @@ from typing import Any
 
 from batching import BatchKey, StepHook, Tick, WorkItem, WorkKind
 
-from .adapters import Adapter, ReplicaAdapters
+from .adapters import Adapter, Catalog, ReplicaAdapters
 from .device import Device
 from .request_engine import RequestEngine
 from .step_engine import StepEngine
@@ -29,13 +29,17 @@ class PipelineWorker:
         device: str,
         warmup_work: WarmupWork | None = None,
         adapters: Mapping[str, Sequence[Adapter]] | None = None,
+        catalogs: Mapping[str, Catalog] | None = None,
     ) -> None:
-        """`adapters` are loaded into each model's replica now and stay loaded; others load when first used."""
+        """`adapters` are loaded into each model's replica now and stay loaded while its `catalog` serves them;
+        others load when first used."""
         self.device = Device(device)
         self.models = models
-        self.adapters = {tag: ReplicaAdapters(runner.pipeline) for tag, runner in models.items()}
+        self.adapters = {
+            tag: ReplicaAdapters(runner.pipeline, (catalogs or {}).get(tag)) for tag, runner in models.items()
+        }
         for tag, known in (adapters or {}).items():
-            self.adapters[tag].ensure(known)
+            self.adapters[tag].ensure(known, skip_broken=True)
         self.request = RequestEngine(models, self.device, self.adapters)
         self.step = StepEngine(models, self.device, self.adapters)
         self._warmup_work = warmup_work

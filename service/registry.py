@@ -28,9 +28,17 @@ class AdapterCatalog:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Adapter] = {}
+        self.version = 0  # changes with what is served: workers then unload what left
 
     def replace(self, adapters: Mapping[str, Adapter]) -> None:
-        self._by_name = dict(adapters)
+        if adapters != self._by_name:
+            self._by_name = dict(adapters)
+            self.version += 1
+
+    def snapshot(self) -> tuple[int, list[Adapter]]:
+        """(version, adapters), read together: what a worker's replica reconciles against."""
+        by_name = self._by_name
+        return self.version, list(by_name.values())
 
     def get(self, name: str) -> Adapter | None:
         return self._by_name.get(name)
@@ -193,24 +201,46 @@ class ModelRegistry:
             raise ValueError("a registry needs at least one model")
         self.models = list(served)
         self.other_bases: dict[str, str] = {}  # adapters stored for models not served here: name -> base
+        self._checked: dict[str, str | None] = {}  # adapter tag -> its problem (None: fine), checked once
 
-    def refresh_adapters(self, store: ModelStore, only: Sequence[str] | None = None) -> None:
-        """Read the store's adapters: each served model gets those of its name (or of `only`), so one added
-        while the server runs becomes usable at the next refresh."""
-        from model_store.adapters import weights_path
+    def refresh_adapters(
+        self, store: ModelStore, only: Sequence[str] | None = None, allow_pickle: bool = False
+    ) -> None:
+        """Read the store's adapters: each served model gets those of its name (or of `only`), so one added,
+        replaced or deleted while the server runs is seen at the next refresh. Each is held to the store's rules
+        again (`adapter_problem`), whatever its origin: a bad entry is left out with one warning, never a stop.
+        Cost: one pass over the store, a hash of each adapter new since the last refresh."""
+        from model_store.adapters import adapter_problem, weights_path
 
         served_names = {served.model.name for served in self.models}
         by_base: dict[str, dict[str, Adapter]] = {name: {} for name in served_names}
         others = {}
-        for model in store.list_models():  # oldest first: the newest version of a name wins
+        checked: dict[str, str | None] = {}
+        models, broken = store.scan()
+        for folder, why in broken:
+            key = str(folder)
+            if key not in self._checked:
+                log.warning("store entry %s/%s is unreadable and not served: %s", folder.parent.name, folder.name, why)
+            checked[key] = why
+        for model in models:  # oldest first: the newest version of a name wins
             if not model.info.is_adapter or (only is not None and model.name not in only):
                 continue
             base = str(model.info.adapter.get("base", ""))
             if base not in served_names:
                 others[model.name] = base
                 continue
+            problem = self._checked.get(model.tag, "unchecked")
+            if problem == "unchecked":
+                problem = adapter_problem(model, allow_pickle=allow_pickle)
+                if problem is not None:
+                    log.warning("adapter %s is not served: %s", model.tag, problem)
+            checked[model.tag] = problem
+            if problem is not None:
+                by_base[base].pop(model.name, None)  # an older good version is not served in its place either
+                continue
             token = model.info.adapter.get("token")
             by_base[base][model.name] = Adapter(model.name, model.info.kind, str(weights_path(model)), token=token)
+        self._checked = checked
         for served in self.models:
             served.adapters.replace(by_base[served.model.name])
         self.other_bases = others

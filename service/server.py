@@ -76,7 +76,7 @@ class DiffusionServer:
                 f"--compile needs CUDA devices (it pays only there); serving on {', '.join(self.devices)}"
             )
         self.registry = ModelRegistry([self._served(tag) for tag in config.tags])
-        self.registry.refresh_adapters(self.store, config.adapters)
+        self.registry.refresh_adapters(self.store, config.adapters, config.allow_pickle)
         self.executor = build_executor(config, self.registry, self.devices, self._on_batch, factory)
         self.executor.on_unhealthy = self._on_worker_death
         self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
@@ -181,7 +181,7 @@ class DiffusionServer:
         while True:
             await asyncio.sleep(ADAPTER_REFRESH_SECONDS)
             try:
-                await asyncio.to_thread(self.registry.refresh_adapters, self.store, None)
+                await asyncio.to_thread(self.registry.refresh_adapters, self.store, None, self.config.allow_pickle)
             except Exception:  # a store being written to, say: keep the adapters known so far, try again
                 log.warning("could not refresh the adapters from the store", exc_info=True)
 

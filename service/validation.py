@@ -41,6 +41,7 @@ class Limits:
     max_pixel_steps: int = 2**31
     max_prompt_chars: int = 4096
     max_message_bytes: int = 64 << 20
+    max_adapters_per_request: int = 8
 
     @classmethod
     def of(cls, config: ServerConfig) -> Limits:
@@ -52,6 +53,7 @@ class Limits:
             config.max_pixel_steps,
             config.max_prompt_chars,
             config.max_message_bytes,
+            config.max_adapters_per_request,
         )
 
     def check_budget(self, images: int, height: int, width: int, steps: int, field: str, bad: Violations) -> None:
@@ -120,7 +122,7 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
         limits.check_text(getattr(request, name), name, bad)
     images, steps = fields["num_images"], fields["num_inference_steps"]
     limits.check_budget(images, fields["height"], fields["width"], steps, "params", bad)
-    fields["loras"] = _loras(request.params.adapters, served, registry, bad)
+    fields["loras"] = _loras(request.params.adapters, served, registry, limits, bad)
     fields["embeddings"] = _embeddings(
         served, request.prompt, request.negative_prompt, request.prompt_2, request.negative_prompt_2
     )
@@ -296,11 +298,24 @@ MAX_ADAPTER_WEIGHT = 10.0
 
 
 def _loras(
-    requested: Sequence[tuple[str, float]], served: ServedModel, registry: ModelRegistry, bad: Violations
+    requested: Sequence[tuple[str, float]],
+    served: ServedModel,
+    registry: ModelRegistry,
+    limits: Limits,
+    bad: Violations,
 ) -> tuple[Adapter, ...]:
-    """The LoRAs a request names, each at its weight: known to this model, finite, in range, once each."""
+    """The LoRAs a request names, each at its weight: known to this model, finite, in range, once each, at most
+    `--max-adapters-per-request` of them. Linear in the request (the model's adapters are listed once, and only
+    when a name is unknown)."""
+    if len(requested) > limits.max_adapters_per_request:
+        bad.add(
+            "params.adapters",
+            f"names {len(requested)} adapters; at most {limits.max_adapters_per_request} (--max-adapters-per-request)",
+        )
+        return ()
     loras = []
     seen: set[str] = set()
+    known: str | None = None
     for index, (name, weight) in enumerate(requested):
         field = f"params.adapters[{index}]"
         adapter = served.adapters.get(name)
@@ -312,7 +327,9 @@ def _loras(
                 f"{shown(name)} is an adapter for {registry.other_bases[name]}, not {served.model.name}",
             )
         elif adapter is None:
-            known = ", ".join(a.name for a in served.adapters.all() if a.kind == LORA) or "none"
+            if known is None:
+                names = [a.name for a in served.adapters.all() if a.kind == LORA]
+                known = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "") or "none"
             bad.add(f"{field}.name", f"{shown(name)} is not an adapter of {served.model.name}; its adapters: {known}")
         elif adapter.kind != LORA:
             bad.add(f"{field}.name", f"{name} is an embedding: use its token {adapter.token} in the prompt")

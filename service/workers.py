@@ -91,8 +91,9 @@ def backend_factory(served: Sequence[ServedModel], device: str, warmup: WarmupWo
             log.info("loading %s on %s", model.tag, device)
             with _LOAD_LOCK:
                 models[model.tag] = model.model.to_runner(device)
-        adapters = {model.tag: model.adapters.all() for model in served}  # loaded now, kept loaded
-        return PipelineWorker(models, device, warmup, adapters)
+        adapters = {model.tag: model.adapters.all() for model in served}  # loaded now, kept while served
+        catalogs = {model.tag: model.adapters.snapshot for model in served}
+        return PipelineWorker(models, device, warmup, adapters, catalogs)
 
     return build
 

@@ -78,6 +78,7 @@ def register(commands: Any) -> None:
     lora.add_argument("--base", required=True, help="the name of the stored model it fits")
     lora.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
     lora.add_argument("--version", help="pin the version instead of generating one")
+    lora.add_argument("--max-size-gb", type=float, default=4.0, help="refuse weights larger than this (default 4)")
     lora.set_defaults(run=import_lora)
 
     embedding = sub.add_parser("import-embedding", help="store a textual-inversion embedding for a base model")
@@ -87,6 +88,7 @@ def register(commands: Any) -> None:
     embedding.add_argument("--token", required=True, help="the token prompts use it by, such as <my-style>")
     embedding.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (pickle can run code)")
     embedding.add_argument("--version", help="pin the version instead of generating one")
+    embedding.add_argument("--max-size-gb", type=float, default=4.0, help="refuse weights larger than this (default 4)")
     embedding.set_defaults(run=import_embedding)
 
     exporter = sub.add_parser("export", help="write a model as a .tar.gz archive (a path or s3://bucket/key)")
@@ -127,18 +129,29 @@ def create_demo(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    models = ModelStore().list_models()
+    """Every model and adapter; entries that cannot be read, and adapters a server would not serve, say why."""
+    from model_store.adapters import adapter_problem
+
+    store = ModelStore()
+    models, broken = store.scan()
+    # As a server without --allow-pickle sees them (the message says what the flag would change).
+    problems = {m.tag: adapter_problem(m, allow_pickle=False, full=False) for m in models if m.info.is_adapter}
     if args.json:
-        print_json([_summary(m) for m in models])
+        listed = [_summary(m) | ({"problem": problems[m.tag]} if problems.get(m.tag) else {}) for m in models]
+        print_json(listed + [{"path": str(path), "problem": why} for path, why in broken])
         return 0
-    if not models:
+    if not models and not broken:
         print("no models; try: diffusers-grpc models create-demo")
         return 0
     print(f"{'TAG':<48} {'KIND':<10} {'PIPELINE / BASE':<32} {'SIGNATURES / TOKEN':<32} CREATED")
     for m in models:
         what = m.info.adapter.get("base", "") if m.info.is_adapter else m.info.pipeline_class
         uses = m.info.adapter.get("token", "") if m.info.is_adapter else ",".join(m.signatures)
-        print(f"{m.tag:<48} {m.info.kind:<10} {what:<32} {uses:<32} {m.info.created[:19]}")
+        print(f"{m.tag:<48} {m.info.kind:<10} {what!s:<32} {uses!s:<32} {m.info.created[:19]}")
+        if problems.get(m.tag):
+            print(f"  broken: {problems[m.tag]}")
+    for path, why in broken:
+        print(f"{path.parent.name + ':' + path.name:<48} {'broken':<10} {why}")
     return 0
 
 
@@ -197,7 +210,13 @@ def import_lora(args: argparse.Namespace) -> int:
 
     model = _store_call(
         lambda: load(
-            ModelStore(), args.name, args.source, args.base, allow_pickle=args.allow_pickle, version=args.version
+            ModelStore(),
+            args.name,
+            args.source,
+            args.base,
+            allow_pickle=args.allow_pickle,
+            version=args.version,
+            max_bytes=int(args.max_size_gb * 2**30),
         )
     )
     print(f"imported {model.tag} (lora for {args.base})")
@@ -216,6 +235,7 @@ def import_embedding(args: argparse.Namespace) -> int:
             args.token,
             allow_pickle=args.allow_pickle,
             version=args.version,
+            max_bytes=int(args.max_size_gb * 2**30),
         )
     )
     print(f"imported {model.tag} (embedding {args.token} for {args.base})")

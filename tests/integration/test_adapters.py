@@ -25,6 +25,7 @@ from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
 
 TOKEN = "<tiny-style>"
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # the direct calls
 
 
 @pytest.fixture(scope="module")
