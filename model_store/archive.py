@@ -81,8 +81,7 @@ def import_archive(
     except tarfile.TarError as exc:
         raise StoreError(f"{src} is not a readable model archive: {exc}") from exc
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        store.discard_staged(staging)
 
 
 def _read_first_info(tar: tarfile.TarFile, member: tarfile.TarInfo | None, staging: Path) -> ModelInfo:

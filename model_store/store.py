@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .custom import STORED_NAME as CUSTOM_FILE
 from .custom import load_class, require_trust, source_file
@@ -32,6 +32,8 @@ from .tags import LATEST, Tag, new_version, validate_part
 
 HOME_ENV = "DIFFUSERS_GRPC_HOME"
 _STALE_TMP_SECONDS = 3600
+OWNER_SUFFIX = ".owner"
+_OWNED: dict[str, FileLock] = {}  # staging folders this process is building, with the locks that say so
 
 
 def default_home() -> Path:
@@ -246,14 +248,26 @@ class ModelStore:
             (staging / MODEL_FILE).write_text(yaml.safe_dump(info.to_dict(), sort_keys=False), encoding="utf-8")
             return self.commit_staged(staging, name, version)
         finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            self.discard_staged(staging)
 
     def staging_folder(self, label: str) -> Path:
-        """A new empty folder inside the store, on the same file system, for building a model to commit."""
+        """A new empty folder inside the store, on the same file system, for building a model to commit.
+
+        This process holds a lock on `<folder>.owner` while it lives: once it has gone (crashed, killed), the
+        next import or `serve` sees the lock free and removes what it left (`sweep_staging`)."""
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._sweep_tmp()
-        return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self._tmp_dir))
+        self.sweep_staging()
+        folder = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self._tmp_dir))
+        owner = FileLock(str(folder) + OWNER_SUFFIX)
+        owner.acquire()
+        _OWNED[str(folder)] = owner
+        return folder
+
+    def discard_staged(self, staging: Path) -> None:
+        """Remove a staging folder that was not committed (a no-op after a commit), and its owner lock."""
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        _release_owner(staging)
 
     def commit_staged(self, staging: Path, name: str, version: str, *, overwrite: bool = False) -> Model:
         """Publish a complete staged model folder (model.yaml included): fsync, then rename into place under
@@ -269,6 +283,7 @@ class ModelStore:
                 shutil.rmtree(trash, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)
+            _release_owner(staging)
             fsync_dir(target.parent)
             self._point_latest(name)
         return Model.load(target)
@@ -300,13 +315,39 @@ class ModelStore:
         with FileLock(str(self._locks_dir / f"{name}.lock")):
             yield
 
-    def _sweep_tmp(self) -> None:
-        """Remove staging folders left by crashed writers (old enough that no live writer owns them)."""
+    def sweep_staging(self) -> int:
+        """Remove what crashed writers left in `.tmp`: staging folders whose owner lock no live process holds
+        (and, for folders without one, those untouched for an hour). Returns how many entries went."""
+        if not self._tmp_dir.is_dir():
+            return 0
+        removed = 0
         cutoff = time.time() - _STALE_TMP_SECONDS
-        for entry in self._tmp_dir.iterdir():
+        for entry in list(self._tmp_dir.iterdir()):
+            if entry.name.endswith(OWNER_SUFFIX) or str(entry) in _OWNED:
+                continue
+            owner = Path(str(entry) + OWNER_SUFFIX)
             with _suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
+                if owner.exists():
+                    lock = FileLock(str(owner), timeout=0)
+                    try:
+                        lock.acquire()
+                    except Timeout:
+                        continue  # a live writer is still building it
+                    try:
+                        shutil.rmtree(entry)
+                        owner.unlink()
+                    finally:
+                        lock.release()
+                    removed += 1
+                elif entry.stat().st_mtime < cutoff:
                     shutil.rmtree(entry)
+                    removed += 1
+        for owner in self._tmp_dir.glob("*" + OWNER_SUFFIX):  # a lock whose folder was committed or removed
+            folder = owner.name[: -len(OWNER_SUFFIX)]
+            if not (self._tmp_dir / folder).exists() and str(self._tmp_dir / folder) not in _OWNED:
+                with _suppress(OSError):
+                    owner.unlink()
+        return removed
 
 
 @contextmanager
@@ -348,3 +389,12 @@ def _stored_class(folder: Path, pipeline_class: str | type | None) -> type:
             "import its code with --custom-pipeline FILE.py --trust-remote-code"
         )
     return cls
+
+
+def _release_owner(staging: Path) -> None:
+    """The staging folder is published (or gone): its owner lock is no longer needed."""
+    owner = _OWNED.pop(str(staging), None)
+    if owner is not None:
+        owner.release()
+        with _suppress(OSError):
+            os.unlink(str(staging) + OWNER_SUFFIX)

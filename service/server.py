@@ -65,6 +65,9 @@ class DiffusionServer:
     ) -> None:
         self.config = config
         self.store = store or ModelStore()
+        swept = self.store.sweep_staging()  # what crashed imports left in .tmp
+        if swept:
+            log.info("removed %d staging entries that crashed writers left in the store", swept)
         self.stats = BatchStats()
         self.metrics = Metrics()
         try:
@@ -101,8 +104,19 @@ class DiffusionServer:
         self._stopped = False
 
     def _served(self, tag: str) -> ServedModel:
-        """A stored model with the operator's load options: trust (never the model's word), dtype, compile."""
+        """A stored model with the operator's load options: trust (never the model's word), dtype, compile.
+        Every file is hashed against its recorded sha256 first: a model whose files changed is not served."""
         model = self.store.get(tag)
+        started = time.monotonic()
+        model.check_files(full=True)
+        size = sum(int(entry.get("size", 0)) for entry in model.info.files.values())
+        log.info(
+            "%s: %d files (%.2f GiB) match their sha256 (%.1fs)",
+            model.tag,
+            len(model.info.files),
+            size / 2**30,
+            time.monotonic() - started,
+        )
         dtype = resolve_dtype(self.config.dtype, model, self.devices[0])
         options = {"trust_remote_code": self.config.trust_remote_code, "torch_dtype": dtype}
         if self.config.allow_pickle:
@@ -170,16 +184,30 @@ class DiffusionServer:
         self.executor.start()
         await asyncio.to_thread(self.executor.wait_ready)
         self.servicer.accepting = True
-        if self.config.adapters is None:  # every adapter of a served model: pick up new ones while serving
-            self._refreshing = asyncio.create_task(self._refresh_adapters())
+        self._refreshing = asyncio.create_task(self._watch_store())
         self.metrics.models_loaded.set(len(self.registry.models))
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s", ", ".join(m.tag for m in self.registry.models))
 
-    async def _refresh_adapters(self) -> None:
-        """Re-read the store's adapters every ADAPTER_REFRESH_SECONDS; workers load a new one when first used."""
+    async def _watch_store(self) -> None:
+        """Every ADAPTER_REFRESH_SECONDS: check that the served models are still in the store (a removed or
+        unmounted store turns readiness NOT_SERVING with an ERROR line, and back when it returns), and re-read
+        the adapters (when serving every adapter of a model); workers load a new one when first used."""
+        missing: list[str] = []
         while True:
             await asyncio.sleep(ADAPTER_REFRESH_SECONDS)
+            gone = [m.tag for m in self.registry.models if not (m.model.path / "model.yaml").is_file()]
+            if gone and not missing:
+                log.error(
+                    "the store no longer holds %s (%s): readiness is NOT_SERVING", ", ".join(gone), self.store.home
+                )
+                await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif missing and not gone and self.executor.healthy and not self._stopped:
+                log.info("the store holds every served model again: readiness is SERVING")
+                await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            missing = gone
+            if self.config.adapters is not None or gone:
+                continue
             try:
                 await asyncio.to_thread(self.registry.refresh_adapters, self.store, None, self.config.allow_pickle)
             except Exception:  # a store being written to, say: keep the adapters known so far, try again
