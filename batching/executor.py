@@ -494,7 +494,14 @@ def _retryable(exc: BaseException) -> bool:
 
 
 def _classify(exc: BaseException) -> BaseException:
-    """Pipelines signal bad input with ValueError/TypeError; everything else is a bug or a device fault."""
+    """Pipelines signal bad input with ValueError/TypeError; everything else is a bug or a device fault.
+
+    A library's own message never reaches the client verbatim (it can name files, settings, internals): the
+    client hears the kind of error, the log has the message. Errors of ours that speak to the client say so
+    with `client_message = True`."""
     if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, InvalidInputError):
-        return InvalidInputError(str(exc))
+        if getattr(exc, "client_message", False):
+            return InvalidInputError(str(exc))
+        log.warning("the pipeline refused an item's values: %s: %s", type(exc).__name__, str(exc)[:500])
+        return InvalidInputError(f"the pipeline refused this request's values ({type(exc).__name__})")
     return exc

@@ -35,8 +35,9 @@ class BatchQueue:
     """Holds items until a worker takes them. Thread-safe; workers block on a condition, never poll.
 
     Capacity counts images (`WorkItem.cost`), not requests. Each client (`WorkItem.client`) has a share,
-    `max_per_client` (default a quarter of the queue): beyond it, a client's request is taken only while no other
-    client is waiting and the queue keeps a share free, so one client's flood never locks another out. Within a
+    `max_per_client` (default a quarter of the queue): beyond it, a client that already has items queued is taken
+    only while no other client is waiting and the queue keeps a share free, so one client's flood never locks
+    another out. Within a
     group, workers take items round-robin across clients, so a client's backlog never delays another's first image.
     """
 
@@ -77,7 +78,7 @@ class BatchQueue:
                 )
             client = items[0].client if items else ""
             held = self._by_client[client]
-            if held + cost > self.max_per_client:
+            if held and held + cost > self.max_per_client:  # a client with nothing queued may use what is free
                 others_wait = self._size - held > 0
                 if others_wait or self._size + cost > self.max_items - self.max_per_client:
                     raise QueueFullError(

@@ -24,6 +24,7 @@ soak-server.log, prints a summary, and exits 1 (saying why) on:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import os
@@ -79,7 +80,16 @@ KINDS: dict[str, tuple[int, set[str]]] = {
     "bad_input": (14, {"INVALID_ARGUMENT"} | BUSY),
     "invented_model": (10, {"NOT_FOUND", "INVALID_ARGUMENT"} | BUSY),
     "discovery": (4, {"OK"}),
+    # A Call whose prompt is a list: an image per prompt within --max-images, INVALID_ARGUMENT past it.
+    "list_prompt_call": (6, {"OK", "INVALID_ARGUMENT"} | BUSY),
 }
+# The flooding client: FLOOD_CLIENTS more connections under one identity, each sending 4-image requests back to
+# back. Its share of the queue (--max-queue-per-client) bounds what it holds; the others must still be served.
+FLOOD_CLIENTS = 8
+FLOOD_KIND = "flood"
+FLOOD_CODES = {"OK"} | BUSY
+CLIENT_HEADER = "x-client"
+_client_id: contextvars.ContextVar[str] = contextvars.ContextVar("client_id", default="")
 
 
 def free_port() -> int:
@@ -112,7 +122,11 @@ class Server:
                 "--device",
                 "cpu",
                 "--max-queue",
-                "100000",
+                "512",
+                "--max-queue-per-client",
+                "64",
+                "--client-id-header",
+                CLIENT_HEADER,
                 "--log-level",
                 "INFO",
             ],
@@ -281,6 +295,14 @@ class Clients:
             elif kind == "invented_model":
                 request = pb.TextToImageRequest(model=invented_model(rng), prompt=prompt, params=params)
                 await stub.TextToImage(request, timeout=TIMEOUT)
+            elif kind == "list_prompt_call":
+                request = pb.CallRequest(signature="__call__", seed=rng.randrange(2**63))
+                count = rng.choice((2, 3, 64))  # 64 is over --max-images: refused, never run
+                request.arguments.update({"prompt": [prompt] * count, "num_inference_steps": steps})
+                await stub.Call(request, timeout=TIMEOUT)
+            elif kind == FLOOD_KIND:
+                params.num_images, params.num_inference_steps = 4, 8
+                await stub.TextToImage(pb.TextToImageRequest(prompt=prompt, params=params), timeout=TIMEOUT)
             elif kind == "discovery":
                 if rng.random() < 0.5:
                     await stub.ListModels(pb.ListModelsRequest(), timeout=TIMEOUT)
@@ -337,22 +359,24 @@ class Clients:
         load = Load()
         weights = [KINDS[k][0] for k in kinds]
         deadline = time.monotonic() + seconds
-        channels = [grpc.aio.insecure_channel(self.target) for _ in range(4)]
+        channels = [grpc.aio.insecure_channel(self.target, interceptors=_identity()) for _ in range(4)]
         stubs = [pb_grpc.DiffusionServiceStub(c) for c in channels]
 
         async def client(index: int) -> None:
             rng = random.Random(seed * 100_003 + index)
+            flooding = index >= concurrency
+            _client_id.set(FLOOD_KIND if flooding else f"client-{index}")  # each task has its own context
             while time.monotonic() < deadline and load.sent < max_requests:
                 load.sent += 1
-                kind = rng.choices(kinds, weights)[0]
+                kind = FLOOD_KIND if flooding else rng.choices(kinds, weights)[0]
                 if rng.random() < 0.03:  # now and then a fresh connection, closed right after: fd churn
-                    async with grpc.aio.insecure_channel(self.target) as fresh:
+                    async with grpc.aio.insecure_channel(self.target, interceptors=_identity()) as fresh:
                         await self.one(kind, rng, pb_grpc.DiffusionServiceStub(fresh), load)
                 else:
                     await self.one(kind, rng, stubs[index % len(stubs)], load)
 
         try:
-            tasks = [asyncio.ensure_future(client(i)) for i in range(concurrency)]
+            tasks = [asyncio.ensure_future(client(i)) for i in range(concurrency + FLOOD_CLIENTS)]
             # Every request has a timeout, so the clients end by themselves; this is a backstop.
             done, pending = await asyncio.wait(tasks, timeout=seconds + TIMEOUT + 60)
             for task in pending:
@@ -364,6 +388,25 @@ class Clients:
             for channel in channels:
                 await channel.close()
         return load
+
+
+def _identity() -> list[Any]:
+    """Client interceptors that send each client task's identity in CLIENT_HEADER (the server's queue share)."""
+    import grpc
+
+    def with_identity(details: Any) -> Any:
+        metadata = [*(details.metadata or ()), (CLIENT_HEADER, _client_id.get())]
+        return details._replace(metadata=metadata)
+
+    class Unary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return await continuation(with_identity(details), request)
+
+    class Streaming(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+            return await continuation(with_identity(details), request)
+
+    return [Unary(), Streaming()]
 
 
 # --- sampling ------------------------------------------------------------------------------------------------------
@@ -550,11 +593,15 @@ def analyse(
         failures.append(f"{codes[code]} requests ended {code}, which no request of this mix should get")
     mismatches = {}
     for kind, counts in sorted(by_kind.items()):
-        wrong = {code: n for code, n in counts.items() if code not in KINDS[kind][1] and code in FINE}
+        expected = KINDS[kind][1] if kind in KINDS else FLOOD_CODES
+        wrong = {code: n for code, n in counts.items() if code not in expected and code in FINE}
         if wrong:
             mismatches[kind] = wrong
             examples = "; ".join(f"{code}: {load.samples.get((kind, code), '')[:120]!r}" for code in wrong)
-            failures.append(f"{kind} requests answered {wrong}, expected {sorted(KINDS[kind][1])} ({examples})")
+            failures.append(f"{kind} requests answered {wrong}, expected {sorted(expected)} ({examples})")
+    polite = by_kind.get("text_to_image", {})
+    if sum(polite.values()) and not polite.get("OK"):  # the flood's share must leave room for everyone else
+        failures.append(f"no text_to_image request was served beside the flooding client: {dict(polite)}")
 
     # RSS: the end of the first third of the load against the end of the load.
     load_rows = [i for i, p in enumerate(series.phase) if p == "load"]
@@ -686,13 +733,13 @@ def print_summary(report: dict[str, Any], out: Path) -> None:
         f"\nsoak: {report['duration_s']} s at concurrency {report['concurrency']} (seed {report['seed']}), "
         f"{report['requests']} requests, {report['requests_per_s']} req/s; {report['machine']}"
     )
-    print(f"{'kind':<20}" + "".join(f"{c[:12]:>13}" for c in codes) + f"{'p50 ms':>10}{'max ms':>10}")
+    print(f"{'kind':<20}" + "".join(f"{c[:12]:>13}" for c in codes) + f"{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for kind, counts in report["by_kind"].items():
         latency = report["latency_ms_by_kind"][kind]
         print(
             f"{kind:<20}"
             + "".join(f"{counts.get(c, 0):>13}" for c in codes)
-            + f"{latency['p50']:>10.0f}{latency['max']:>10.0f}"
+            + f"{latency['p50']:>10.0f}{latency['p99']:>10.0f}{latency['max']:>10.0f}"
         )
     print(f"{'all':<20}" + "".join(f"{report['codes'].get(c, 0):>13}" for c in codes))
     print(f"latency of OK requests: p50 {report['p50_ms']} ms, p99 {report['p99_ms']} ms")

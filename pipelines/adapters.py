@@ -33,6 +33,8 @@ class AdapterLoadError(ValueError):
     """A stored adapter does not load into the model it names as its base (shapes, targets): the request that
     asked for it gets INVALID_ARGUMENT naming it, and the operator a warning; the server goes on."""
 
+    client_message = True
+
 
 Catalog = Callable[[], tuple[int, Iterable["Adapter"]]]
 """What the store serves for a model now: (a version that changes with it, its adapters)."""
@@ -97,11 +99,12 @@ class ReplicaAdapters:
                     self.embeddings.add(adapter.name)
             except Exception as exc:
                 reason = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
-                error = AdapterLoadError(f"adapter {adapter.name} cannot be loaded into this model ({reason})")
-                if not skip_broken:
-                    raise error from exc
-                log.warning("%s; requests that name it will be refused", error)  # at start-up: serve the others
-                continue
+                log.warning(
+                    "adapter %s cannot be loaded into %s: %s", adapter.name, type(self.pipeline).__name__, reason
+                )
+                if not skip_broken:  # the library's words stay in the log; the client hears which adapter
+                    raise AdapterLoadError(f"adapter {adapter.name} cannot be loaded into this model") from exc
+                continue  # at start-up: serve the others, refuse requests that name it
             self._loaded[adapter.name] = adapter
         if loaded:
             self._loras_changed()

@@ -96,8 +96,9 @@ def _call(function: Callable[..., Any], kwargs: dict[str, Any], key: BatchKey) -
         if is_out_of_memory(exc):
             raise
         log.warning("%s.%s rejected a Call's arguments", key.model, key.signature, exc_info=True)
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise CallRejected(f"{key.signature} failed on these arguments: {type(exc).__name__}: {first}") from exc
+        # Our own errors speak to the client; a library's message stays in the log (never verbatim to clients).
+        said = f": {str(exc).splitlines()[0][:200]}" if getattr(exc, "client_message", False) and str(exc) else ""
+        raise CallRejected(f"{key.signature} failed on these arguments ({type(exc).__name__}{said})") from exc
 
 
 def stack(values: Sequence[Any], batch_dim: int) -> Any:

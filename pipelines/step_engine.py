@@ -47,6 +47,8 @@ class NumericalError(ValueError):
     """An item's latents stopped being finite: an extreme request value (a huge guidance scale) or a float16
     overflow. A ValueError, so the client hears INVALID_ARGUMENT; the worker logs a warning for the operator."""
 
+    client_message = True  # ours, written for the client
+
 
 @dataclass
 class Track:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health
 
 from .config import ServerConfig
 
@@ -158,3 +159,29 @@ def _guarded(handler: grpc.RpcMethodHandler, limiter: FailedAuthLimiter) -> grpc
             stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
     return handler
+
+
+MAX_WATCHES_PER_PEER = 16  # health Watch streams one peer address may hold open (a probe needs one)
+
+
+class BoundedHealthServicer(health.aio.HealthServicer):
+    """The standard health service, with at most MAX_WATCHES_PER_PEER open Watch streams per peer address: a
+    Watch holds a stream and a task for as long as the client likes, and nobody authenticates health."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watching: dict[str, int] = {}
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        peer = peer_address(context)
+        if self._watching.get(peer, 0) >= MAX_WATCHES_PER_PEER:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHES_PER_PEER} health watches per address"
+            )
+        self._watching[peer] = self._watching.get(peer, 0) + 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watching[peer] -= 1
+            if not self._watching[peer]:
+                del self._watching[peer]

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batching import BatchReport
@@ -26,7 +26,7 @@ from .config import ConfigError, ServerConfig
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 from .registry import ModelRegistry, ServedModel, resolve_dtype
-from .security import TokenAuthInterceptor, server_credentials
+from .security import BoundedHealthServicer, TokenAuthInterceptor, server_credentials
 from .servicer import DiffusionServicer
 from .telemetry import Metrics, TelemetryInterceptor
 from .validation import Limits
@@ -86,7 +86,7 @@ class DiffusionServer:
         self.servicer = DiffusionServicer(
             self.registry, self.executor, Limits.of(config), client_id_header=config.client_id_header
         )
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer()
         self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")
         # Telemetry first (outermost): a call the token check refuses is still logged and counted.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]

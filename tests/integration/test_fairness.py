@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from helpers import wait_for
 from inprocess import Gate, running_server
 
 from service.client import DiffusionClient
@@ -32,13 +33,15 @@ def test_a_flooding_client_cannot_lock_out_another_and_does_not_go_first(store, 
         backlog, refused = [], None
         for seed in range(1, 40):  # alone, the flood may use the queue up to what keeps a share (4) free
             call = flood.stub.TextToImage.future(request(seed), timeout=120, metadata=flood.metadata)
-            try:
-                call.exception(timeout=0.5)  # refused at once, or still queued after half a second
-            except grpc.FutureTimeoutError:
-                backlog.append(call)
-                continue
-            refused = call.exception()
-            break
+            queued = len(backlog) + 1
+            wait_for(
+                lambda call=call, queued=queued: call.done() or len(server.executor.queue) == queued,
+                what="queued or refused",
+            )
+            if call.done():
+                refused = call.exception()
+                break
+            backlog.append(call)
         assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(backlog) == 16 - 4 and len(server.executor.queue) == 12
         send = polite.stub.TextToImage.future

@@ -387,3 +387,31 @@ def test_a_dying_worker_turns_readiness_off_and_fails_its_items(store):
         with pytest.raises(grpc.RpcError) as caught:
             client.text_to_image("after", seed=1, steps=2, timeout=60)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_watch_streams_are_bounded_per_peer(store):
+    from grpc_health.v1 import health_pb2_grpc
+
+    from service.security import MAX_WATCHES_PER_PEER
+
+    with running_server(store) as (_, target), grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(MAX_WATCHES_PER_PEER)]
+        assert all(next(watch).status == SERVING for watch in watches)  # each holds its stream open
+        with pytest.raises(grpc.RpcError) as caught:
+            next(stub.Watch(health_pb2.HealthCheckRequest(service="")))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watches.pop().cancel()
+        wait_for(lambda: _watch_opens(stub), what="a freed watch slot")
+        for watch in watches:
+            watch.cancel()
+
+
+def _watch_opens(stub) -> bool:
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+    try:
+        return next(watch).status == SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        watch.cancel()

@@ -192,8 +192,12 @@ def test_no_log_message_outgrows_its_bound():
 
 @pytest.mark.parametrize("arguments", [{"clip_skip": 1000}, {"clip_skip": 0}, {"cross_attention_kwargs": []}])
 def test_call_arguments_the_pipeline_rejects_are_invalid_argument_not_internal(served, client, arguments):
+    import re
+
     error = call_with(client, arguments)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    # The library's own message (it can name files and settings) stays in the log: the client hears its kind.
+    assert re.search(r"failed on these arguments \(\w+\)$", error.details()), error.details()
     assert health_status(served[1]) == SERVING
 
 
