@@ -218,3 +218,11 @@ def test_a_request_names_at_most_max_adapters_per_request(home):
         client.stub.TextToImage(request(1, [("red", 1.0), *many]), timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(caught.value) == ["params.adapters"]
+
+
+def test_an_adapter_import_has_a_size_cap(home, files):
+    from model_store import StoreError
+
+    with pytest.raises(StoreError, match="over the limit of"):
+        import_lora(home, "big", files["red"], "tiny-sd", max_bytes=1024)
+    assert "big" not in {m.name for m in home.list_models()}

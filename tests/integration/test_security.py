@@ -367,6 +367,36 @@ def test_cancelled_streams_leave_no_request_counted_in_flight(served, client):
     wait_for(lambda: server.telemetry.in_flight == 0, what="every cancelled stream to be counted out")
 
 
+def _codes(server, rpc: str) -> dict[str, float]:
+    return {
+        sample.labels["code"]: sample.value
+        for metric in server.metrics.registry.collect()
+        if metric.name == "diffusers_grpc_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["rpc"] == rpc
+    }
+
+
+def test_a_cancelled_stream_is_always_counted_cancelled_and_an_expired_deadline_deadline_exceeded(store):
+    """14 of 200 cancelled Streams were counted UNKNOWN (paging operators), and deadlines that expired at the
+    client were recorded as CANCELLED."""
+    with running_server(store) as (server, target), DiffusionClient(target) as client:
+        for seed in range(40):
+            request = pb.TextToImageRequest(prompt="x", params=pb.GenerationParams(seed=seed, num_inference_steps=40))
+            stream = client.stub.Stream(pb.StreamRequest(text_to_image=request), timeout=60)
+            assert next(stream).WhichOneof("event") == "progress"  # the server has it: it must count it
+            stream.cancel()
+        wait_for(lambda: sum(_codes(server, "Stream").values()) == 40, what="every stream counted")
+        assert _codes(server, "Stream") == {"CANCELLED": 40.0}
+        slow = pb.TextToImageRequest(prompt="x", params=pb.GenerationParams(seed=1, num_inference_steps=150))
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as caught:
+                client.stub.TextToImage(slow, timeout=0.3)  # expires while it runs
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: sum(_codes(server, "TextToImage").values()) >= 3, what="the expired calls counted")
+        assert _codes(server, "TextToImage") == {"DEADLINE_EXCEEDED": 3.0}
+
+
 def test_a_count_over_its_limit_is_invalid_argument_before_the_reply_size_is_judged(client):
     """num_images 10000 used to be refused for the size of its reply (RESOURCE_EXHAUSTED): a value the client
     chose that breaks a documented limit is an invalid argument, named."""
