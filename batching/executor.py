@@ -65,6 +65,7 @@ class Tick:
     active: int = 0  # items in the set that ran
     in_flight: int = 0  # items the engine holds after the tick, every set counted
     join_waits: list[float] = field(default_factory=list)  # join-to-first-step seconds of items new to this tick
+    keys: frozenset[BatchKey] = frozenset()  # the batch keys of the items that took the step
 
 
 @runtime_checkable
@@ -138,6 +139,7 @@ class Executor:
         self._dead: set[str] = set()
         self._running: set[WorkItem] = set()  # items a worker has taken and not finished (for a forced shutdown)
         self._running_lock = threading.Lock()
+        self._fastest_tick: dict[BatchKey, float] = {}  # step work: the fastest tick seen per key (seconds)
         self.on_unhealthy: Callable[[], None] | None = None  # called from a worker thread that dies
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -209,11 +211,16 @@ class Executor:
         when a deadline is shorter than a call of this kind is known to take."""
         if not self.healthy and self._threads:
             raise WorkerUnavailableError("no live worker")
-        if items and items[0].deadline is not None and items[0].key.kind is not WorkKind.STEP:
-            estimate = self.policy.estimate(items[0].key, 1)
-            left = items[0].deadline - self._clock()
+        first = items[0] if items else None
+        if first is not None and first.deadline is not None:
+            if first.key.kind is WorkKind.STEP:  # at least its steps at the fastest tick its kind has run
+                fastest = self._fastest_tick.get(first.key)
+                estimate = fastest * first.steps if fastest is not None and first.steps else None
+            else:
+                estimate = self.policy.estimate(first.key, 1)
+            left = first.deadline - self._clock()
             if estimate is not None and left < estimate:
-                raise DeadlineExceededError(f"the deadline leaves {left:.3f}s; a call takes about {estimate:.3f}s")
+                raise DeadlineExceededError(f"the deadline leaves {left:.3f}s; its run takes about {estimate:.3f}s")
         self.queue.put(items)
 
     # --- workers -------------------------------------------------------------------------------------------
@@ -368,6 +375,9 @@ class Executor:
             self.policy.observe(tick.group, tick.rows, tick.seconds)
         if tick.evicted:
             self.queue.put_back(tick.evicted)
+        for key in tick.keys:  # a lower bound on any item's run: its steps x the fastest tick of its kind
+            if tick.seconds < self._fastest_tick.get(key, float("inf")):
+                self._fastest_tick[key] = tick.seconds
         for item, event in tick.progress:
             _send_progress(item, event)
         for item, _ in tick.finished + tick.failed:

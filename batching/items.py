@@ -122,6 +122,7 @@ class WorkItem:
     on_progress: ProgressCallback | None = None
     client: str = ""  # who asked (an identity, an address): the queue gives each client its share
     cost: int = 1  # images it makes: what it takes of the queue (a Call with a list of prompts makes several)
+    steps: int = 0  # denoising steps it runs (step work), for admission by deadline; 0 when not known
     future: Future[Any] = field(default_factory=Future)
     trace: ItemTrace = field(default_factory=ItemTrace, repr=False)
     _cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -177,7 +177,8 @@ class StepEngine:
             if is_out_of_memory(exc):
                 return self._out_of_memory(group, tracks, rows, failed)
             return self._isolate(group, tracks, exc, failed, started)
-        tick = Tick(group, rows, 0.0, failed=failed, active=len(tracks), join_waits=first_steps)
+        keys = frozenset(track.item.key for track in tracks)
+        tick = Tick(group, rows, 0.0, failed=failed, active=len(tracks), join_waits=first_steps, keys=keys)
         with self.device.running(synchronize=False):
             self._advance(tracks, noise, tick)
         tick.seconds = self.clock() - started

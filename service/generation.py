@@ -140,8 +140,10 @@ class Generation:
         self, deadline: float | None, on_progress: ProgressCallback | None = None, client: str = ""
     ) -> list[WorkItem]:
         """One item per image; the first carries the progress callback (Stream reports on the first image)."""
+        steps = 0
         if self.served.engines.get(self.signature.name) == "step":
             key, inputs = self.step_key(), {STEP_INPUT: self.step_inputs()}
+            steps = max(1, int(self.num_inference_steps * (self.strength if self.strength is not None else 1.0)))
         else:
             key, inputs = self.batch_key(), self.item_inputs()
         return [
@@ -152,6 +154,7 @@ class Generation:
                 deadline=deadline,
                 on_progress=on_progress if i == 0 else None,
                 client=client,
+                steps=steps,
             )
             for i, seed in enumerate(self.seeds())
         ]

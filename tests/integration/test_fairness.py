@@ -58,3 +58,15 @@ def test_a_flooding_client_cannot_lock_out_another_and_does_not_go_first(store, 
     # after its backlog of twelve.
     assert finished.index("polite") <= 2, finished
     assert max(i for i, name in enumerate(finished) if name == "polite") < 10, finished
+
+
+def test_step_work_whose_deadline_cannot_cover_its_steps_is_refused_before_it_queues(store):
+    with running_server(store, batching="step") as (server, target), DiffusionClient(target) as client:
+        client.text_to_image("x", seed=1, steps=8, timeout=60)  # the engine learns how fast a step can be
+        fastest = min(server.executor._fastest_tick.values())
+        steps = 150
+        budget = fastest * steps / 3  # a third of what even its fastest steps take
+        with pytest.raises(grpc.RpcError) as caught:
+            client.text_to_image("x", seed=2, steps=steps, timeout=budget)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "its run takes about" in caught.value.details()  # said at once by the server, not the client's clock
