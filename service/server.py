@@ -285,6 +285,15 @@ def _bind(server: grpc.aio.Server, address: str, flag: str, credentials: grpc.Se
         raise ConfigError(f"{flag}: cannot listen on {address}") from None
 
 
+def check_ports(config: ServerConfig) -> None:
+    """Every TCP port the server will listen on is free (ConfigError naming the first that is not)."""
+    _check_free(f"{config.host}:{config.port}", "--port")
+    if config.health_port is not None:
+        _check_free(f"{config.health_address}:{config.health_port}", "--health-port")
+    if config.metrics_port is not None:
+        _check_free(f"{config.metrics_address}:{config.metrics_port}", "--metrics-port")
+
+
 def _check_free(address: str, flag: str) -> None:
     """Bind the TCP address once ourselves, as gRPC will, to say why it cannot be had (gRPC's own failure is a
     C-core log line without the reason)."""
@@ -338,6 +347,7 @@ def prepare_store(config: ServerConfig) -> tuple[ServerConfig, ModelStore]:
 
 async def serve(config: ServerConfig, store: ModelStore | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully (the `serve` command). A second signal exits at once."""
+    check_ports(config)  # before pulling or loading anything: a busy port is said in a second, not a minute
     if store is None:
         config, store = await asyncio.to_thread(prepare_store, config)
     server = DiffusionServer(config, store)
