@@ -196,8 +196,9 @@ def test_call_arguments_the_pipeline_rejects_are_invalid_argument_not_internal(s
 
     error = call_with(client, arguments)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-    # The library's own message (it can name files and settings) stays in the log: the client hears its kind.
-    assert re.search(r"failed on these arguments \(\w+\)$", error.details()), error.details()
+    if "clip_skip" in arguments:  # the pipeline itself refuses these (validation cannot know the encoder's depth)
+        # The library's own message (it can name files and settings) stays in the log: the client hears its kind.
+        assert re.search(r"failed on these arguments \(\w+\)$", error.details()), error.details()
     assert health_status(served[1]) == SERVING
 
 
