@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # Loading is serialised: diffusers/accelerate build modules on the meta device through process-wide patches,
 # so two threads loading at once corrupt each other ("Cannot copy out of meta tensor").
 _LOAD_LOCK = threading.Lock()
+PRELOAD_ADAPTERS = 16
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -91,7 +92,10 @@ def backend_factory(served: Sequence[ServedModel], device: str, warmup: WarmupWo
             log.info("loading %s on %s", model.tag, device)
             with _LOAD_LOCK:
                 models[model.tag] = model.model.to_runner(device)
-        adapters = {model.tag: model.adapters.all() for model in served}  # loaded now, kept while served
+        # The first PRELOAD_ADAPTERS of each model load now (no first request waits for them); the rest on first
+        # use: diffusers' LoRA loading grows with the adapters already loaded, so preloading hundreds would make
+        # start-up quadratic (100 adapters took 73 s).
+        adapters = {model.tag: model.adapters.all()[:PRELOAD_ADAPTERS] for model in served}
         catalogs = {model.tag: model.adapters.snapshot for model in served}
         return PipelineWorker(models, device, warmup, adapters, catalogs)
 
