@@ -37,8 +37,8 @@ class BatchQueue:
     Capacity counts images (`WorkItem.cost`), not requests. Each client (`WorkItem.client`) has a share,
     `max_per_client` (default a quarter of the queue): beyond it, a client that already has items queued is taken
     only while no other client is waiting and the queue keeps a share free, so one client's flood never locks
-    another out. Within a
-    group, workers take items round-robin across clients, so a client's backlog never delays another's first image.
+    another out. Within a group, workers take items round-robin across clients, so a client's backlog never
+    delays another's first image.
     """
 
     def __init__(
