@@ -230,7 +230,7 @@ def test_a_deadline_shorter_than_a_known_call_is_refused_at_once():
     executor = Executor([("fake", FakeRunner)], clock=lambda: now[0])
     for size in (1, 2, 4):
         executor.policy.observe(key(), size, 0.5 + 0.1 * size)
-    with pytest.raises(DeadlineExceededError, match="a call takes about"):
+    with pytest.raises(DeadlineExceededError, match="its run takes about"):
         executor.submit([item(key(), deadline=100.2)])
     executor.submit([item(key(), deadline=101.0)])  # enough time: accepted (the worker is not started)
     assert len(executor.queue) == 1
