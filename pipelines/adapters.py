@@ -59,8 +59,6 @@ class ReplicaAdapters:
     def __init__(self, pipeline: Any, catalog: Catalog | None = None) -> None:
         self.pipeline = pipeline
         self.catalog = catalog  # what the store serves now: adapters gone from it (or replaced) are unloaded
-        self.loras: set[str] = set()
-        self.embeddings: set[str] = set()
         self._loaded: dict[str, Adapter] = {}  # by name, with the stored file it came from (a version's)
         self._seen_version: int | None = None
         self._holds: dict[str, set[str]] = {}  # component (unet, text_encoder...) -> the LoRAs it holds
@@ -68,11 +66,16 @@ class ReplicaAdapters:
         self._rows: tuple[list[str], dict[str, Any]] | None = None  # the mixed call in progress
         self._hooked: set[int] = set()
 
+    @property
+    def loras(self) -> set[str]:
+        """The LoRAs loaded into this replica."""
+        return {name for name, adapter in self._loaded.items() if adapter.kind == LORA}
+
     def ensure(self, adapters: Iterable[Adapter], *, skip_broken: bool = False) -> None:
         """Load whatever of these is not loaded yet (an adapter added to the store while serving), and reload one
         whose stored file changed (re-imported); first unload what the store no longer serves. Module walks
-        happen once per call, however many adapters load: start-up with many adapters stays linear. One that does
-        not load raises AdapterLoadError, or with `skip_broken` (start-up) is logged and left out."""
+        happen once per call, however many adapters load. One that does not load raises AdapterLoadError, or
+        with `skip_broken` (start-up) is logged and left out."""
         from model_store.adapters import load_embedding
 
         self._reconcile()
@@ -92,11 +95,9 @@ class ReplicaAdapters:
                         warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
                         warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
                         self.pipeline.load_lora_weights(adapter.path, adapter_name=adapter.name)
-                    self.loras.add(adapter.name)
                     loaded = True
                 else:
                     load_embedding(self.pipeline, Path(adapter.path), adapter.token or "")
-                    self.embeddings.add(adapter.name)
             except Exception as exc:
                 reason = " ".join(line.strip() for line in str(exc).splitlines()[:2])[:300]
                 log.warning(
@@ -119,7 +120,7 @@ class ReplicaAdapters:
         self._seen_version = version
         wanted = {adapter.name: adapter.path for adapter in current}
         stale = [name for name, held in self._loaded.items() if wanted.get(name) != held.path]
-        loras = [name for name in stale if name in self.loras]
+        loras = [name for name in stale if self._loaded[name].kind == LORA]
         for name in stale:
             self._unload(name)
         if loras:
@@ -130,10 +131,8 @@ class ReplicaAdapters:
         embedding's token in each text encoder."""
         adapter = self._loaded.pop(name)
         if adapter.kind == LORA:
-            self.loras.discard(name)
             self.pipeline.delete_adapters([name])
             return
-        self.embeddings.discard(name)
         pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
         for tokenizer, encoder in pairs:
             if getattr(self.pipeline, encoder, None) is not None:

@@ -41,19 +41,23 @@ def test_a_model_whose_files_changed_is_not_served(copy):
 
 HOLD_STAGING = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from model_store import ModelStore
     folder = ModelStore(sys.argv[1]).staging_folder("import")
     (folder / "weights.bin").write_bytes(b"x" * 1024)
     print(folder, flush=True)
-    time.sleep(600)
+    sys.stdin.read()  # a writer still at work: it holds the folder until it is killed
     """
 )
 
 
 def _writer(home) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLD_STAGING, str(home)], stdout=subprocess.PIPE, text=True, env=os.environ.copy()
+        [sys.executable, "-c", HOLD_STAGING, str(home)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
     return process, process.stdout.readline().strip()  # type: ignore[union-attr]
 
