@@ -25,7 +25,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 LORA, EMBEDDING = "lora", "embedding"
 BASE_ROW = "__base__"  # PEFT's name for a row that uses no adapter
-UNET = "unet"
+DENOISERS = ("unet", "transformer")  # the component that denoises, as diffusers names it
 OFF, ROWS = "off", "rows"  # what a component applies: no LoRA, or each row its own
 
 
@@ -59,6 +59,7 @@ class ReplicaAdapters:
     def __init__(self, pipeline: Any, catalog: Catalog | None = None) -> None:
         self.pipeline = pipeline
         self.catalog = catalog  # what the store serves now: adapters gone from it (or replaced) are unloaded
+        self.denoiser = next((name for name in DENOISERS if getattr(pipeline, name, None) is not None), "unet")
         self._loaded: dict[str, Adapter] = {}  # by name, with the stored file it came from (a version's)
         self._seen_version: int | None = None
         self._holds: dict[str, set[str]] = {}  # component (unet, text_encoder...) -> the LoRAs it holds
@@ -155,24 +156,24 @@ class ReplicaAdapters:
     def apply_to_text_encoders(self, loras: Sequence[Adapter]) -> None:
         """Set the LoRAs of prompt encoding (the text encoders' share of `set_adapters`)."""
         for component in self._holds:
-            if component != UNET:
+            if component != self.denoiser:
                 self._set(component, loras)
 
     def apply_to_unet(self, loras: Sequence[Adapter]) -> None:
         """Set several LoRAs for a whole UNet call (a step set whose items share the same several adapters)."""
-        if UNET in self._holds:
-            self._set(UNET, loras)
+        if self.denoiser in self._holds:
+            self._set(self.denoiser, loras)
 
     @contextlib.contextmanager
     def per_row(self, rows: Sequence[Adapter | None]) -> Iterator[None]:
         """A UNet call in which row i uses `rows[i]` (one LoRA at its weight, or none)."""
-        if UNET not in self._holds or not any(rows):
+        if self.denoiser not in self._holds or not any(rows):
             self.apply_to_unet(())  # no row uses a LoRA: the plain forward, adapters off
             yield
             return
         import torch
 
-        self._set(UNET, ROWS)
+        self._set(self.denoiser, ROWS)
         row_names = [adapter.name if adapter is not None else BASE_ROW for adapter in rows]
         weights: dict[str, list[float]] = {}
         for adapter in rows:
@@ -205,7 +206,7 @@ class ReplicaAdapters:
             return
         model = getattr(self.pipeline, component)
         names, weights = [name for name, _ in pairs], [weight for _, weight in pairs]
-        if component == UNET:
+        if component == self.denoiser:
             if pairs:
                 model.enable_lora()
                 model.set_adapters(names, weights)
@@ -222,7 +223,7 @@ class ReplicaAdapters:
         """Give every LoRA layer (new ones appear as adapters load) the hooks of the mixed-batch path."""
         from peft.tuners.lora import LoraLayer
 
-        for found in self.pipeline.unet.modules():
+        for found in getattr(self.pipeline, self.denoiser).modules():
             if not isinstance(found, LoraLayer):
                 continue
             module: Any = found  # a torch module that is also PEFT's LoraLayer

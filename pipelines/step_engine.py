@@ -1,21 +1,22 @@
 """Continuous batching at denoising-step boundaries: requests join and leave a running batch.
 
-One worker's engine holds one active set per (model, latent shape): only the shape decides which items may share
-a UNet call. The executor's worker loop admits items (`join`, between ticks) and calls `tick` while any item is
-active. One tick is the whole algorithm:
+One worker's engine holds one active set per (model, latent shape, family split): only those decide which items
+may share a denoiser call. The executor's worker loop admits items (`join`, between ticks) and calls `tick` while
+any item is active. One tick is the whole algorithm:
 
     prepare the items that joined since the last tick (their prompts encoded together, their latents started)
     pick the active set that has waited longest (so no set starves)
     drop its cancelled and expired items
-    run ONE UNet call over the rows of all its items: each row with its own timestep and conditioning
-    per item: its own classifier-free guidance combine, then its own scheduler's step with its own generator
+    run ONE denoiser call over the rows of all its items: each row with its own timestep and conditioning
+    per item: its own guidance combine, then its own scheduler's step with its own generator
     items whose last step this was leave: decode them together and hand back their images (a finished item
         waits up to DECODE_HOLD_TICKS ticks for batch-mates about to finish: one VAE call for several is cheaper)
 
-Each item owns its scheduler, so items with different steps, guidance, schedulers, eta, strength and seeds share
-every call, and each image equals its solo `pipe(...)` call (`step_families` does the per-family parts exactly as
-the pipelines do). Nothing syncs the host in a tick but the schedulers' own bookkeeping and the decode of
-finished items.
+Everything that differs between pipeline families (how many rows an item has, what goes into the denoiser call,
+the guidance combine, the scheduler step, the decode) is the family's (`pipelines.families.StepFamily`); the
+loop calls only that interface. Each item owns its scheduler, so items with different steps, guidance,
+schedulers, eta, strength and seeds share every call, and each image equals its solo `pipe(...)` call. Nothing
+syncs the host in a tick but the schedulers' own bookkeeping and the decode of finished items.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from batching import BatchKey, ItemCancelledError, ItemOutput, OutOfMemoryError, StepEvent, Tick, WorkItem
+from batching import BatchKey, ItemCancelledError, ItemOutput, OutOfMemoryError, StepEvent, Tick, WorkItem, WorkKind
 from batching.errors import DeadlineExceededError
 from batching.executor import is_out_of_memory
 
 from .adapters import ReplicaAdapters
 from .device import Device
-from .step_families import Conditioning, Family, StepInputs, family_of, step_kwargs
+from .families import Conditioning, StepFamily, StepInputs, Track, family_of
 
 log = logging.getLogger(__name__)
 STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
@@ -41,6 +42,19 @@ STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
 # together: decoding costs per call (tiny model on the CPU: 10 ms for 1 image, 25 ms for 4).
 DECODE_HOLD_TICKS = 2
 LORAS, PER_ROW = "loras", "per-row"  # BatchKey.group[LORAS]: the LoRA set items share calls by (several), or PER_ROW
+SPLIT = "split"  # BatchKey.group[SPLIT]: what the family says keeps items out of one call (StepFamily.split)
+
+
+def step_key(tag: str, signature: str, pipeline_class: type, spec: StepInputs) -> BatchKey:
+    """The batch key of a step item: the model, the latent shape, the family's split and (for several LoRAs at
+    once) the adapter set group items; everything else is per item."""
+    family = family_of(pipeline_class)
+    group: dict[str, Hashable] = {"size": (spec.height, spec.width)}
+    if family is not None and family.split(spec) is not None:
+        group[SPLIT] = family.split(spec)
+    if len(spec.loras) > 1:
+        group[LORAS] = spec.loras
+    return BatchKey.build(tag, signature, {}, kind=WorkKind.STEP, group=group)
 
 
 class NumericalError(ValueError):
@@ -51,40 +65,11 @@ class NumericalError(ValueError):
 
 
 @dataclass
-class Track:
-    """One item in the denoising batch: its own scheduler, generator, latents and conditioning rows."""
-
-    item: WorkItem
-    spec: StepInputs
-    family: Family
-    pipe: Any  # the task's pipeline (derived for img2img and inpaint)
-    scheduler: Any
-    generator: Any
-    conditioning: Conditioning
-    latents: Any
-    timesteps: Any
-    channels: Any = None
-    blend: tuple[Any, Any, Any] | None = None
-    step: int = 0  # index of the next timestep
-    held: int = 0  # ticks of its set it has waited, finished, for company in the decode
-    joined: float = 0.0
-    last_tick: float = 0.0
-
-    @property
-    def rows(self) -> int:
-        return 2 if self.spec.cfg else 1
-
-    @property
-    def done(self) -> bool:
-        return self.step >= len(self.timesteps)
-
-
-@dataclass
 class _Model:
     """A served model as the engine uses it."""
 
     base: Any  # the loaded pipeline
-    family: Family
+    family: StepFamily
     tasks: Mapping[str, Any]  # signature name -> the pipeline that performs its task
     adapters: ReplicaAdapters
     schedulers: dict[str, list[Any]] = field(default_factory=dict)  # free scheduler instances by class name
@@ -121,16 +106,17 @@ class StepEngine:
 
     @staticmethod
     def group_of(key: BatchKey) -> Hashable:
-        """Items of a model and latent shape share UNet calls, whatever their task or parameters, and whatever
-        single LoRA each uses (per row); items using several LoRAs share calls only with the same several."""
+        """Items of a model and latent shape share denoiser calls, whatever their task or parameters, and whatever
+        single LoRA each uses (per row); items using several LoRAs share calls only with the same several; and
+        what the family says must split a call (`StepFamily.split`) splits it."""
         group = dict(key.group)
-        return (key.model, group.get("size"), group.get(LORAS, PER_ROW))
+        return (key.model, group.get("size"), group.get(LORAS, PER_ROW), group.get(SPLIT))
 
     def load(self, key: BatchKey) -> tuple[Hashable, int, int]:
         group = self.group_of(key)
         tracks = self._sets.get(group, [])
         pending = [item for item in self._pending if self.group_of(item.key) == group]
-        rows = sum(t.rows for t in tracks) + sum(2 if _spec(i).cfg else 1 for i in pending)
+        rows = sum(t.rows for t in tracks) + sum(self._models[i.key.model].family.rows(_spec(i)) for i in pending)
         return group, len(tracks) + len(pending), rows
 
     def join(self, items: Sequence[WorkItem]) -> None:
@@ -192,60 +178,33 @@ class StepEngine:
         return sum(len(tracks) for tracks in sets) + len(self._pending) + len(self._suspended)
 
     def _denoise(self, tracks: Sequence[Track]) -> Any:
-        """One UNet call over every row of the set: per-row timesteps, conditioning and extra channels."""
+        """ONE denoiser call over every row of the set, each item's rows as its family builds them."""
         import torch
 
-        inputs, times, embeds = [], [], []
-        added: dict[str, list[Any]] = {name: [] for name in tracks[0].conditioning.added}
-        for track in tracks:
-            t = track.timesteps[track.step]
-            latents = torch.cat([track.latents] * 2) if track.spec.cfg else track.latents
-            model_input = track.scheduler.scale_model_input(latents, t)
-            if track.channels is not None:
-                model_input = torch.cat([model_input, track.channels], dim=1)
-            inputs.append(model_input)
-            times.append(t.to(torch.float32).reshape(1).expand(track.rows))  # the UNet embeds timesteps in fp32
-            embeds.append(track.conditioning.embeds)
-            for name, rows in track.conditioning.added.items():
-                added[name].append(rows)
+        family = tracks[0].family
+        rows = [family.row_inputs(track) for track in tracks]
+        inputs = {name: torch.cat([item_rows[name] for item_rows in rows]) for name in rows[0]}
         adapters = self._models[tracks[0].item.key.model].adapters
         several = tracks[0].spec.loras if len(tracks[0].spec.loras) > 1 else ()
-        if several:  # everyone in this set uses the same several LoRAs: set them on the UNet
+        if several:  # everyone in this set uses the same several LoRAs: set them on the denoiser
             adapters.apply_to_unet(several)
             applied: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         else:  # one LoRA (or none) per item: each row its own, in one call
             per_row = [t.spec.loras[0] if t.spec.loras else None for t in tracks for _ in range(t.rows)]
             applied = adapters.per_row(per_row)
         with applied:
-            return tracks[0].pipe.unet(
-                torch.cat(inputs),
-                torch.cat(times),
-                encoder_hidden_states=torch.cat(embeds),
-                added_cond_kwargs={name: torch.cat(rows) for name, rows in added.items()} or None,
-                return_dict=False,
-            )[0]
+            return family.denoise(tracks[0].pipe, inputs, tracks[0])
 
     def _advance(self, tracks: Sequence[Track], noise: Any, tick: Tick) -> None:
-        """Each item's own guidance combine and scheduler step, as its pipeline's loop does them."""
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
+        """Each item's next latents from its own rows, as its family's pipeline loop makes them."""
         offset = 0
         for track in tracks:
             trace = track.item.trace  # for the request's log line: the most items it shared a step with
             trace.batch_size = max(trace.batch_size, len(tracks))
-            spec, t = track.spec, track.timesteps[track.step]
             prediction = noise[offset : offset + track.rows]
             offset += track.rows
             try:
-                if spec.cfg:
-                    uncond, text = prediction.chunk(2)
-                    prediction = uncond + spec.guidance_scale * (text - uncond)
-                    if spec.guidance_rescale > 0.0:
-                        prediction = rescale_noise_cfg(prediction, text, guidance_rescale=spec.guidance_rescale)
-                kwargs = step_kwargs(track.scheduler, spec.eta, track.generator)
-                track.latents = track.scheduler.step(prediction, t, track.latents, **kwargs, return_dict=False)[0]
-                if track.blend is not None:
-                    track.latents = self._blend(track)
+                track.latents = track.family.advance(track, prediction)
             except Exception as exc:  # this item's scheduler or inputs: it fails alone
                 tick.failed.append((track.item, exc))
                 track.step = len(track.timesteps)
@@ -255,15 +214,6 @@ class StepEngine:
             if track.item.on_progress is not None:
                 event = StepEvent(track.step, len(track.timesteps), self.clock() - track.joined, track.latents[0])
                 tick.progress.append((track.item, event))
-
-    @staticmethod
-    def _blend(track: Track) -> Any:
-        """4-channel inpainting: keep the unmasked area on the input image's noised trajectory."""
-        image_latents, mask, noise = track.blend  # type: ignore[misc]
-        proper = image_latents
-        if track.step < len(track.timesteps) - 1:
-            proper = track.scheduler.add_noise(image_latents, noise, track.timesteps[track.step + 1 : track.step + 2])
-        return (1 - mask) * proper + mask * track.latents
 
     def _finish(self, group: Hashable, tick: Tick) -> None:
         """Items whose last step this was leave: decoded together (with those that finished just before and
@@ -298,9 +248,7 @@ class StepEngine:
             return
         first = finite[0]
         with self.device.running():
-            images, nsfw = first.family.decode(
-                self._models[first.item.key.model].base, torch.cat([t.latents for t in finite]), self.device.name
-            )
+            images, nsfw = first.family.decode(self._models[first.item.key.model].base, finite, self.device.name)
         tick.finished += [(t.item, ItemOutput(image, flag)) for t, image, flag in zip(finite, images, nsfw)]
 
     @staticmethod
@@ -374,8 +322,7 @@ class StepEngine:
         scheduler = self._scheduler(model, spec.scheduler)
         # A CPU generator: a seed gives the same starting noise on every device type.
         generator = torch.Generator("cpu").manual_seed(item.seed % 2**64)
-        start = model.family.start(pipe, spec, scheduler, generator, self.device.name, conditioning.embeds.dtype)
-        model.family.added_conditioning(pipe, spec, conditioning, start.latents)
+        start = model.family.start(pipe, spec, scheduler, generator, self.device.name, conditioning)
         return Track(
             item,
             spec,
@@ -386,8 +333,7 @@ class StepEngine:
             conditioning,
             start.latents,
             start.timesteps,
-            start.channels,
-            start.blend,
+            start.state,
             joined=item.trace.started or now,
             last_tick=now,
         )
@@ -473,7 +419,7 @@ class StepEngine:
         return tick
 
 
-def _encode_groups(family: Family, specs: Sequence[StepInputs]) -> list[list[int]]:
+def _encode_groups(family: StepFamily, specs: Sequence[StepInputs]) -> list[list[int]]:
     """Items whose prompts one text-encoder call can encode: the family's groups, split by LoRA set."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for key, indices in family.encode_groups(specs).items():

@@ -13,9 +13,9 @@ from typing import Any
 from batching import BatchKey, Frozen, ProgressCallback, WorkItem, WorkKind
 from model_store import Signature
 from pipelines.adapters import Adapter
+from pipelines.families import StepInputs
 from pipelines.request_engine import ADAPTERS, EMBEDDINGS
-from pipelines.step_engine import LORAS, STEP_INPUT
-from pipelines.step_families import StepInputs
+from pipelines.step_engine import STEP_INPUT, step_key
 
 from .registry import ServedModel
 
@@ -142,7 +142,9 @@ class Generation:
         """One item per image; the first carries the progress callback (Stream reports on the first image)."""
         steps = 0
         if self.served.engines.get(self.signature.name) == "step":
-            key, inputs = self.step_key(), {STEP_INPUT: self.step_inputs()}
+            spec = self.step_inputs()
+            key = step_key(self.served.tag, self.signature.name, self.served.pipeline_class, spec)
+            inputs = {STEP_INPUT: spec}
             steps = max(1, int(self.num_inference_steps * (self.strength if self.strength is not None else 1.0)))
         else:
             key, inputs = self.batch_key(), self.item_inputs()
@@ -158,14 +160,6 @@ class Generation:
             )
             for i, seed in enumerate(self.seeds())
         ]
-
-    def step_key(self) -> BatchKey:
-        """For the step engine, everything is per item: the model, the latent shape and (for several LoRAs at
-        once) the adapter set group items."""
-        group: dict[str, Hashable] = {"size": (self.height, self.width)}
-        if len(self.loras) > 1:
-            group[LORAS] = self.loras
-        return BatchKey.build(self.served.tag, self.signature.name, {}, kind=WorkKind.STEP, group=group)
 
     def step_inputs(self) -> StepInputs:
         return StepInputs(

@@ -61,6 +61,7 @@ class ServedModel:
     engines: Mapping[str, str] = field(default_factory=dict, compare=False)  # signature -> "step" or "request"
     adapters: AdapterCatalog = field(default_factory=AdapterCatalog, compare=False, repr=False)
     tokenizer: Any = field(default=None, compare=False, repr=False)
+    pipeline_class: Any = field(default=None, compare=False, repr=False)  # the stored pipeline's diffusers class
     # Fast tokenizers fail with "Already borrowed" when two threads use one at once (validation runs on a pool).
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -80,7 +81,8 @@ class ServedModel:
         if scheduler is not None:  # the load options replace the stored scheduler
             name = scheduler if isinstance(scheduler, str) else scheduler.__name__
             defaults = dataclasses.replace(defaults, scheduler=name, compatible_schedulers=compatible_schedulers(name))
-        return cls(model, defaults, parameters, engines, tokenizer=_load_tokenizer(model))
+        tokenizer = _load_tokenizer(model)
+        return cls(model, defaults, parameters, engines, tokenizer=tokenizer, pipeline_class=pipeline_class)
 
     @property
     def tag(self) -> str:
@@ -145,7 +147,7 @@ class ServedModel:
 def _engine(batching: str, model: Model, pipeline_class: type, signature: Signature) -> str:
     """Step-level batching where the step engine reproduces the signature exactly (and, under `auto`, where the
     importer declared it batchable); request batching everywhere else: the engine never stops a model serving."""
-    from pipelines.step_families import step_capable
+    from pipelines.families import step_capable
 
     if batching == "request" or signature.task not in interface.TYPED_TASKS:
         return "request"

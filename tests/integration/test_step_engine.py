@@ -15,8 +15,8 @@ from model_store.demo import DEMO_SIGNATURES
 from model_store.tiny_families import build_tiny_sd_inpainting, build_tiny_sdxl
 from pipelines.adapters import ReplicaAdapters
 from pipelines.device import Device
+from pipelines.families import StepInputs
 from pipelines.step_engine import STEP_INPUT, NumericalError, StepEngine
-from pipelines.step_families import StepInputs
 from pipelines.worker import PipelineWorker
 
 
