@@ -9,7 +9,9 @@
 - request batching off (--max-batch-size 1) at concurrency 16;
 - LoRA adapters at concurrency 16 on the step engine: none, one shared, a different one per request;
 - the server's RSS over 2,000 mixed requests after warm-up;
-- dtypes: bfloat16 against float32 on the CPU (float16 on CUDA), throughput and peak memory of the direct call.
+- dtypes: bfloat16 against float32 on the CPU (float16 on CUDA), throughput and peak memory of the direct call;
+- the family axis: tiny FLUX.1 and tiny SD3 (`model_store.tiny_dit`, 32x32) in the same run, each against its
+  own direct call: step uniform c=1 and c=8, step and request mixed c=16, and the long/short test.
 
 Prints a table and the ratios with their targets, writes bench/results/bench.json and bench.png. On the CPU it
 uses the tiny demo model (64x64); `--realistic --device cuda` uses a Stable Diffusion 1.5-shaped model at 512x512.
@@ -69,14 +71,14 @@ def summary(name: str, latencies: list[float], images: int, seconds: float, batc
 # --- the floor ----------------------------------------------------------------------------------------------------
 
 
-def direct(home: Path, device: str, size: int, repeats: int) -> list[dict[str, Any]]:
+def direct(home: Path, device: str, size: int, repeats: int, model: str = "bench") -> list[dict[str, Any]]:
     """The pipeline called in this process, plus PNG encoding of its outputs."""
     import torch
 
     from model_store import ModelStore
     from service import imaging
 
-    pipe = ModelStore(home).get("bench").load_pipeline(device)
+    pipe = ModelStore(home).get(model).load_pipeline(device)
 
     def once(batch: int, seed: int) -> None:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
@@ -157,6 +159,7 @@ class Server:
     def __init__(self, home: Path, device: str, batching: str, max_batch: int = 8, model: str = "bench") -> None:
         from service.client import wait_until_serving
 
+        self.model = model
         self.port, self.metrics_port = free_port(), free_port()
         command = [sys.executable, "-m", "service", "serve", model, "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--metrics-port", str(self.metrics_port), "--max-batch-size", str(max_batch), "--device", device]
@@ -200,7 +203,14 @@ def draw(workload: str, rng: random.Random) -> tuple[int, float]:
 
 
 async def load(
-    target: str, concurrency: int, requests: int, workload: str, size: int, seed0: int = 0, adapters: str = "none"
+    target: str,
+    concurrency: int,
+    requests: int,
+    workload: str,
+    size: int,
+    seed0: int = 0,
+    adapters: str = "none",
+    model: str = "",
 ) -> tuple[list[float], float]:
     """`requests` TextToImage calls from `concurrency` closed-loop clients; returns latencies and wall time."""
     import grpc
@@ -227,8 +237,8 @@ async def load(
                     adapters=[pb.Adapter(name=name, weight=1.0) for name in lora],
                 )
                 t = time.perf_counter()
-                model = "bench-lora" if adapters != "none" else ""
-                request = pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params)
+                tag = "bench-lora" if adapters != "none" else model
+                request = pb.TextToImageRequest(model=tag, prompt="a lighthouse", params=params)
                 await stub.TextToImage(request, timeout=600)
                 latencies.append(time.perf_counter() - t)
 
@@ -240,6 +250,7 @@ async def load(
 def measure(
     server: Server, name: str, concurrency: int, requests: int, workload: str, size: int, **kw: Any
 ) -> dict[str, Any]:
+    kw.setdefault("model", server.model)
     asyncio.run(load(server.target, concurrency, max(concurrency, 8), workload, size, seed0=10_000, **kw))  # warm-up
     before = server.metrics()
     latencies, seconds = asyncio.run(load(server.target, concurrency, requests, workload, size, **kw))
@@ -252,7 +263,7 @@ def measure(
     return row
 
 
-async def long_short(target: str, size: int) -> dict[str, float]:
+async def long_short(target: str, size: int, model: str = "") -> dict[str, float]:
     """A 4-step request alone, then sent while an 80-step request runs: how long does the short one wait?"""
     import grpc
 
@@ -261,7 +272,7 @@ async def long_short(target: str, size: int) -> dict[str, float]:
 
     def request(steps: int, seed: int) -> pb.TextToImageRequest:
         params = pb.GenerationParams(seed=seed, num_inference_steps=steps, height=size, width=size)
-        return pb.TextToImageRequest(prompt="a lighthouse", params=params)
+        return pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params)
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.DiffusionServiceStub(channel)
@@ -303,6 +314,60 @@ def build_store(home: Path, realistic: bool) -> None:
     for seed, name in enumerate(LORAS, start=1):
         weights = save_tiny_lora(pipeline, home / "loras" / name, seed=seed)
         import_lora(store, name, weights, "bench-lora")
+    from model_store.tiny_dit import build_tiny_flux, build_tiny_sd3
+
+    batchable = {"__call__": {"batchable": True}}
+    store.save_model("bench-flux", build_tiny_flux(seed=0), signatures=batchable)
+    store.save_model("bench-sd3", build_tiny_sd3(seed=0), signatures=batchable)
+
+
+FAMILY_SIZE = 32  # the tiny DiTs' VAE does not downsample: 32x32 is 256 FLUX tokens, 1024 SD3 tokens
+
+
+def family_axis(home: Path, device: str, requests: int) -> list[dict[str, Any]]:
+    """Each DiT family against its own direct call, in the same run as the SD model's figures."""
+    results = []
+    for model, family in (("bench-flux", "FLUX.1"), ("bench-sd3", "SD3")):
+        floor = direct(home, device, FAMILY_SIZE, repeats=20, model=model)
+        rows: dict[str, Any] = {row["name"]: row for row in floor}
+        for row in floor:
+            print(f"{family} " + _line(row), flush=True)
+        for engine in ("request", "step"):
+            server = Server(home, device, engine, model=model)
+            try:
+                runs = [("mixed", 16)] if engine == "request" else [("uniform", 1), ("uniform", 8), ("mixed", 16)]
+                for workload, concurrency in runs:
+                    count = 20 if concurrency == 1 else max(requests, 4 * concurrency)
+                    name = f"{engine} {workload} c={concurrency}"
+                    rows[name] = measure(server, f"{family} {name}", concurrency, count, workload, FAMILY_SIZE)
+                if engine == "step":
+                    rows["long_short"] = asyncio.run(long_short(server.target, FAMILY_SIZE, model))
+            finally:
+                server.stop()
+        results.append({"family": family, "model": model, "size": FAMILY_SIZE, "runs": rows})
+    return results
+
+
+def family_ratios(family: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    runs = family["runs"]
+    b1, b8 = runs["direct batch 1"], runs["direct batch 8"]
+    name = family["family"]
+    return {
+        f"{name}: step mixed c=16 / request mixed c=16": _ratio(
+            runs["step mixed c=16"]["images_per_s"] / runs["request mixed c=16"]["images_per_s"], ">= 2.0"
+        ),
+        f"{name}: step uniform c=8 / direct b8": _ratio(
+            runs["step uniform c=8"]["images_per_s"] / b8["images_per_s"], ">= 0.90"
+        ),
+        f"{name}: short during long / alone": _ratio(
+            runs["long_short"]["short_during_long_ms"] / runs["long_short"]["short_alone_ms"], "<= 3"
+        ),
+        f"{name}: step c=1 p50 / direct b1 p50": _ratio(runs["step uniform c=1"]["p50_ms"] / b1["p50_ms"], "<= 1.05"),
+    }
+
+
+def _ratio(value: float, target: str) -> dict[str, Any]:
+    return {"value": round(value, 3), "target": target}
 
 
 def main() -> int:
@@ -350,6 +415,7 @@ def main() -> int:
             report["adapters"].append({**row, "adapters": adapters})
     finally:
         lora.stop()
+    report["families"] = family_axis(home, args.device, args.requests)
     off = Server(home, args.device, "request", max_batch=1)
     try:
         rows.append({**measure(off, "request batching off c=16", 16, args.requests, "uniform", size), "engine": "off"})
@@ -367,6 +433,8 @@ def main() -> int:
         rows=rows,
     )
     report["ratios"] = ratios(report)
+    for family in report["families"]:
+        report["ratios"].update(family_ratios(family))
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     _plot(rows, args.out / "bench.png")
     _print(report)

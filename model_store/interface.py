@@ -16,8 +16,13 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-TEXT2IMG, IMG2IMG, INPAINT, CUSTOM = "text2img", "img2img", "inpaint", "custom"
-TYPED_TASKS = (TEXT2IMG, IMG2IMG, INPAINT)  # the tasks of the typed RPCs; anything else runs through Call
+TEXT2IMG, IMG2IMG, INPAINT, EDIT, CUSTOM = "text2img", "img2img", "inpaint", "edit", "custom"
+TYPED_TASKS = (TEXT2IMG, IMG2IMG, INPAINT, EDIT)  # the tasks of the typed RPCs; anything else runs through Call
+DERIVABLE_TASKS = (TEXT2IMG, IMG2IMG, INPAINT)  # the tasks diffusers' auto pipelines derive with from_pipe
+# Editing pipelines made for several reference images in one `image` list (the others take one).
+SEVERAL_IMAGES = frozenset({"QwenImageEditPlusPipeline", "Flux2Pipeline", "Flux2KleinPipeline"})
+# Parameters that make an image-and-prompt pipeline something other than an editor: an upscaler's noise level.
+_NOT_EDITING = ("noise_level",)
 ALL_TASKS = (*TYPED_TASKS, CUSTOM)
 _LEGACY_TASKS = {"other": CUSTOM}  # what model.yaml files of format 1 called a custom signature
 
@@ -59,8 +64,10 @@ def task_of_parameters(names: Mapping[str, Any] | frozenset[str], has_controlnet
 
     Every typed task takes a prompt and makes still images (no `num_frames`). A mask makes inpainting; an input
     image with a strength makes image-to-image; a size and no input image makes text-to-image, and so does an
-    image that is a ControlNet's conditioning (ControlNet text-to-image pipelines call it `image`). Anything else
-    (unconditional, audio, video, variations, upscalers, instruct-style editing) is custom, served through Call.
+    image that is a ControlNet's conditioning (ControlNet text-to-image pipelines call it `image`); an input
+    image with no strength (and no upscaler's noise level) makes instruction editing (FLUX Kontext,
+    Qwen-Image-Edit, InstructPix2Pix). Anything else (unconditional, audio, video, variations, upscalers) is
+    custom, served through Call.
     """
     if "prompt" not in names or "num_frames" in names:
         return CUSTOM
@@ -70,6 +77,8 @@ def task_of_parameters(names: Mapping[str, Any] | frozenset[str], has_controlnet
         return IMG2IMG
     if "height" in names and "width" in names and ("image" not in names or has_controlnet):
         return TEXT2IMG
+    if "image" in names and not has_controlnet and not any(name in names for name in _NOT_EDITING):
+        return EDIT
     return CUSTOM
 
 
@@ -104,10 +113,10 @@ def derived_class(cls: type, task: str) -> type | None:
     Found through the mappings behind `AutoPipelineForText2Image/Image2Image/Inpainting`: the family of `cls`
     (or of its nearest diffusers base class), then that family's class for the task.
     """
-    if task not in TYPED_TASKS:
-        return None
     if call_task(cls) == task:
         return cls
+    if task not in DERIVABLE_TASKS:
+        return None
     from diffusers.pipelines import auto_pipeline
 
     by_task = {

@@ -7,8 +7,9 @@ tokenizers are replaced by ones this module writes: the demo's byte-level CLIP B
 same corpus (`build_t5_tokenizer`), wrapped as `T5TokenizerFast`.
 
 Random weights leave the conditioning nearly inert, so the builders scale it after seeding (the gains below):
-the text tokens' keys and values in SD3's joint attention, the pooled text and guidance embedders. With them every input (prompt, prompt_2, prompt_3, guidance, true_cfg_scale, the input
-image) visibly moves a 16x16 image (tests/integration/test_dit_families.py checks that it does).
+the text tokens' keys and values in the joint attention, the pooled text and guidance embedders. With them
+every input (prompt, prompt_2, prompt_3, guidance, true_cfg_scale) visibly moves a 16x16 image
+(tests/integration/test_dit_families.py checks that it does).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from model_store.demo import _CORPUS, _build_tokenizer, clip_text_config, finish_pipeline
 
 _TRANSFORMER_SEED, _VAE_SEED, _CLIP_SEED, _CLIP_2_SEED, _T5_SEED = 20, 21, 22, 23, 24
-T5_SHAPE = {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 5}
+T5_SHAPE: dict[str, Any] = {"d_model": 32, "d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 5}
 T5_VOCAB_SIZE = 1103
 # Conditioning gains. The text stream is layer-normed before joint attention, so scaling the context embedder
 # changes nothing; what does is the text tokens' keys and values in the joint attention (SD3's new T5 prompt: 0.7
@@ -35,7 +36,7 @@ def build_t5_tokenizer() -> Any:
     """A T5-style Unigram tokenizer (pad 0, eos 1, unk 2) over the demo corpus's words and characters, through
     `from_pretrained` as a checkpoint's would load."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # at run time: the fast tokenizer
 
     words = sorted(set(re.findall(r"[a-z]+", _CORPUS.lower())))
     chars = sorted(set(_CORPUS.lower()) - {" ", "\n"})
@@ -122,7 +123,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: An
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed + _TRANSFORMER_SEED)
-        transformer = FluxTransformer2DModel(
+        transformer: Any = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4,
             num_layers=1,
@@ -161,7 +162,7 @@ def build_tiny_sd3(seed: int = 0, torch_dtype: Any = None) -> Any:
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed + _TRANSFORMER_SEED)
-        transformer = SD3Transformer2DModel(
+        transformer: Any = SD3Transformer2DModel(
             sample_size=32,
             patch_size=1,
             in_channels=4,
@@ -189,4 +190,69 @@ def build_tiny_sd3(seed: int = 0, torch_dtype: Any = None) -> Any:
         )
     finally:
         torch.random.set_rng_state(state)
+    return finish_pipeline(pipe, torch_dtype)
+
+
+_DIT_SEED, _PIXART_SEED = 25, 26
+
+
+def build_tiny_dit(seed: int = 0, torch_dtype: Any = None) -> Any:
+    """A class-conditional DiT (ImageNet-style labels, no text), as diffusers' DiT test builds it."""
+    import torch
+    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _DIT_SEED)
+        transformer = DiTTransformer2DModel(
+            sample_size=16,
+            num_layers=2,
+            patch_size=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            in_channels=4,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero",
+            norm_elementwise_affine=False,
+        )
+        vae = _vae(seed + _VAE_SEED, latent_channels=4)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DPMSolverMultistepScheduler())
+    return finish_pipeline(pipe, torch_dtype)
+
+
+def build_tiny_pixart_sigma(seed: int = 0, torch_dtype: Any = None) -> Any:
+    """PixArt-Sigma as diffusers' test builds it: a sample size of 8, which its resolution binning (on by
+    default) refuses ("Invalid sample size"): the direct call works only with `use_resolution_binning=False`."""
+    import torch
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _PIXART_SEED)
+        transformer = PixArtTransformer2DModel(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            caption_channels=32,
+            in_channels=4,
+            cross_attention_dim=24,
+            out_channels=8,
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        )
+        vae = _vae(seed + _VAE_SEED, latent_channels=4)
+        pipe = PixArtSigmaPipeline(
+            transformer=transformer,
+            vae=vae,
+            scheduler=DDIMScheduler(),
+            text_encoder=_t5(seed + _T5_SEED),
+            tokenizer=build_t5_tokenizer(),
+        )
     return finish_pipeline(pipe, torch_dtype)

@@ -435,3 +435,22 @@ def build_sd15_shaped(seed: int = 0, torch_dtype: torch.dtype | None = None) -> 
     scheduler = DDIMScheduler(**_sd_scheduler_kwargs(), clip_sample=False, set_alpha_to_one=False)
     pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     return finish_pipeline(pipe, torch_dtype)  # type: ignore[no-any-return]
+
+
+_PIX2PIX_UNET_SEED = 10
+
+
+def build_tiny_instruct_pix2pix(seed: int = 0, torch_dtype: torch.dtype | None = None) -> Any:
+    """The demo SD pipeline as an InstructPix2Pix editor: a UNet of 8 input channels (latents + the image's)."""
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    base: Any = build_tiny_pipeline(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _PIX2PIX_UNET_SEED)
+        unet = UNet2DConditionModel(**{**_demo_unet_kwargs(), "in_channels": 8})
+    _amplify_conditioning(unet)
+    _sharpen_vae_posterior(base.vae)
+    components: dict[str, Any] = {**base.components, "unet": unet}
+    pipe = StableDiffusionInstructPix2PixPipeline(**components, requires_safety_checker=False)
+    return finish_pipeline(pipe, torch_dtype)

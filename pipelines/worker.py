@@ -6,6 +6,7 @@ Implements the executor's `Backend` (request batches: `RequestEngine`) and `Step
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from .device import Device
 from .request_engine import RequestEngine
 from .step_engine import StepEngine
 
+log = logging.getLogger(__name__)
 WarmupWork = Callable[[], Sequence[Sequence[WorkItem]]]
 """Builds fresh warm-up batches (work items carry futures, so each worker needs its own)."""
 
@@ -45,11 +47,25 @@ class PipelineWorker:
         self._warmup_work = warmup_work
 
     def warmup(self) -> None:
-        """Run each warm-up batch once through its engine, so the first request does not pay for lazy init."""
+        """Run each warm-up batch once through its engine, so the first request does not pay for lazy init.
+
+        A pipeline that refuses its own defaults (the warm-up passes no size: PixArt's resolution binning
+        refuses a tiny model's) still serves the calls it accepts: its warm-up failure is a warning. The step
+        engine's is ours, and stops the start."""
         for items in self._warmup_work() if self._warmup_work else ():
             key = items[0].key
             if key.kind is not WorkKind.STEP:
-                self.run_batch(key, items, _keep_going)
+                try:
+                    self.run_batch(key, items, _keep_going)
+                except Exception as exc:
+                    log.warning(
+                        "%s: the warm-up call of %s failed (%s: %.300s); serving it anyway, the first request "
+                        "pays for lazy initialisation",
+                        key.model,
+                        key.signature,
+                        type(exc).__name__,
+                        exc,
+                    )
                 continue
             self.step.join(items)
             failed = []

@@ -181,6 +181,13 @@ def coerce(value: Any, parameter: inspect.Parameter | None) -> Any:
     elif isinstance(value, list) and tuple in expected and list not in expected:
         # JSON has no tuple (SDXL's sizes are tuple[int, int]) and Struct numbers are doubles.
         return tuple(int(v) if isinstance(v, float) and v.is_integer() else v for v in value)
+    elif isinstance(value, list) and list in expected:
+        # A list of ints (DiT's `class_labels: list[int]`): its integral numbers become ints, as they must to
+        # index an embedding; where floats are allowed too, numbers stay as sent.
+        words = _words(parameter) if parameter is not None else set()
+        if "int" in words and "float" not in words:
+            return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+        return value
     elif type(value) in expected:
         return value
     wanted = " or ".join(sorted(t.__name__ for t in expected))
@@ -203,7 +210,10 @@ _TYPE_WORDS = {
 
 def _words(parameter: inspect.Parameter) -> set[str]:
     annotation = parameter.annotation
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    if isinstance(annotation, str) or getattr(annotation, "__args__", None):  # list[int]'s __name__ is "list"
+        text = str(annotation)
+    else:
+        text = getattr(annotation, "__name__", None) or str(annotation)
     return set(re.findall(r"\w+", text))  # the names in an annotation such as "int | list[str] | None"
 
 

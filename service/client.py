@@ -34,6 +34,7 @@ _RPCS: dict[type, tuple[str, str]] = {
     pb.ImageToImageRequest: ("ImageToImage", "image_to_image"),
     pb.InpaintRequest: ("Inpaint", "inpaint"),
     pb.CallRequest: ("Call", "call"),
+    pb.EditRequest: ("Edit", "edit"),
 }
 
 
@@ -56,6 +57,8 @@ def params(
     control_guidance_start: float | None = None,
     control_guidance_end: float | None = None,
     adapters: Mapping[str, float] | None = None,
+    true_cfg_scale: float | None = None,
+    max_sequence_length: int | None = None,
 ) -> pb.GenerationParams:
     """GenerationParams with only the given fields set (absent ones mean the model's default). `size_conditioning`
     takes SizeConditioning's field names: original_height, original_width, crop_top, crop_left, target_*;
@@ -81,6 +84,8 @@ def params(
         "negative_aesthetic_score": negative_aesthetic_score,
         "control_guidance_start": control_guidance_start,
         "control_guidance_end": control_guidance_end,
+        "true_cfg_scale": true_cfg_scale,
+        "max_sequence_length": max_sequence_length,
     }
     for name, value in optional.items():
         if value is not None:
@@ -92,10 +97,11 @@ TypedRequest = TypeVar("TypedRequest", pb.TextToImageRequest, pb.ImageToImageReq
 
 
 def typed_request(request: TypedRequest, kw: dict[str, Any]) -> TypedRequest:
-    """Set the request-level fields SDXL and ControlNet models take (`prompt_2`, `negative_prompt_2`,
-    `control_images` as encoded bytes, one per ControlNet) from `kw`, and the params from the rest."""
-    request.prompt_2 = kw.pop("prompt_2", "") or ""
-    request.negative_prompt_2 = kw.pop("negative_prompt_2", "") or ""
+    """Set the request-level fields SDXL, SD3 and ControlNet models take (`prompt_2`, `negative_prompt_2`,
+    `prompt_3`, `negative_prompt_3`, `control_images` as encoded bytes, one per ControlNet) from `kw`, and the
+    params from the rest."""
+    for name in ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"):
+        setattr(request, name, kw.pop(name, "") or "")
     request.control_images.extend(image(data) for data in kw.pop("control_images", ()))
     request.params.CopyFrom(params(**kw))
     return request
@@ -201,6 +207,29 @@ class DiffusionClient:
             timeout=timeout,
             metadata=self.metadata,
         )
+
+    def edit(
+        self,
+        prompt: str,
+        images: Sequence[bytes],
+        *,
+        model: str = "",
+        negative_prompt: str = "",
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> pb.EditResponse:
+        """Instruction editing of reference images (encoded bytes, in order)."""
+        return self.stub.Edit(self.edit_request(prompt, images, model=model, negative_prompt=negative_prompt, **kw),
+                              timeout=timeout, metadata=self.metadata)  # fmt: skip
+
+    @staticmethod
+    def edit_request(
+        prompt: str, images: Sequence[bytes], *, model: str = "", negative_prompt: str = "", **kw: Any
+    ) -> pb.EditRequest:
+        request = pb.EditRequest(model=model, prompt=prompt, negative_prompt=negative_prompt)
+        request.images.extend(image(data) for data in images)
+        request.params.CopyFrom(params(**kw))
+        return request
 
     def call(
         self,

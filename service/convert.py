@@ -8,6 +8,7 @@ hands results here to get the reply; requests and replies are converted here and
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from batching import CallOutput, ItemOutput, StepEvent
-from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG
+from model_store.interface import EDIT, IMG2IMG, INPAINT, TEXT2IMG
 
 from . import imaging
 from .domain import CallRequest, Params, SizeConditioning, TaskRequest
@@ -31,25 +32,38 @@ _FORMATS = {
     pb.OUTPUT_FORMAT_JPEG: "jpeg",
     pb.OUTPUT_FORMAT_WEBP: "webp",
 }
-_TASK_OF_REQUEST = {pb.TextToImageRequest: TEXT2IMG, pb.ImageToImageRequest: IMG2IMG, pb.InpaintRequest: INPAINT}
-_RESPONSE_OF_TASK = {TEXT2IMG: pb.TextToImageResponse, IMG2IMG: pb.ImageToImageResponse, INPAINT: pb.InpaintResponse}
+_TASK_OF_REQUEST = {
+    pb.TextToImageRequest: TEXT2IMG,
+    pb.ImageToImageRequest: IMG2IMG,
+    pb.InpaintRequest: INPAINT,
+    pb.EditRequest: EDIT,
+}
+_RESPONSE_OF_TASK = {
+    TEXT2IMG: pb.TextToImageResponse,
+    IMG2IMG: pb.ImageToImageResponse,
+    INPAINT: pb.InpaintResponse,
+    EDIT: pb.EditResponse,
+}
 # StreamRequest's oneof field -> StreamResponse's oneof field of the result
 STREAM_RESULT_FIELD = {
     "text_to_image": "text_to_image",
     "image_to_image": "image_to_image",
     "inpaint": "inpaint",
     "call": "call",
+    "edit": "edit",
 }
 
-TypedRequest = pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest
-TypedResponse = pb.TextToImageResponse | pb.ImageToImageResponse | pb.InpaintResponse
+TypedRequest = pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest | pb.EditRequest
+TypedResponse = pb.TextToImageResponse | pb.ImageToImageResponse | pb.InpaintResponse | pb.EditResponse
 
 # --- requests ------------------------------------------------------------------------------------------------
 
 
 def task_request(request: TypedRequest) -> TaskRequest:
-    """A TextToImage, ImageToImage or Inpaint request in domain form."""
+    """A TextToImage, ImageToImage, Inpaint or Edit request in domain form."""
     task = _TASK_OF_REQUEST[type(request)]
+    if isinstance(request, pb.EditRequest):
+        return edit_request(request)
     image = mask = strength = None
     if isinstance(request, (pb.ImageToImageRequest, pb.InpaintRequest)):
         image = request.image.data
@@ -68,6 +82,25 @@ def task_request(request: TypedRequest) -> TaskRequest:
         prompt_2=request.prompt_2 or None,
         negative_prompt_2=request.negative_prompt_2 or None,
         control_images=tuple(control.data for control in request.control_images),
+        prompt_3=request.prompt_3 or None,
+        negative_prompt_3=request.negative_prompt_3 or None,
+    )
+
+
+def edit_request(request: pb.EditRequest) -> TaskRequest:
+    """An Edit: its own output_format and quality, where set, take the place of its params'."""
+    given = params(request.params)
+    if request.output_format != pb.OUTPUT_FORMAT_UNSPECIFIED:
+        given = dataclasses.replace(given, output_format=output_format(request.output_format))
+    if request.quality:
+        given = dataclasses.replace(given, quality=request.quality)
+    return TaskRequest(
+        task=EDIT,
+        model=request.model,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        params=given,
+        images=tuple(image.data for image in request.images),
     )
 
 
@@ -95,6 +128,8 @@ def params(message: pb.GenerationParams) -> Params:
         control_guidance_start=given("control_guidance_start"),
         control_guidance_end=given("control_guidance_end"),
         adapters=tuple((adapter.name, adapter.weight) for adapter in message.adapters),
+        true_cfg_scale=given("true_cfg_scale"),
+        max_sequence_length=given("max_sequence_length"),
     )
 
 
@@ -151,7 +186,7 @@ def task_response(job: Generation, outputs: Sequence[ItemOutput]) -> TypedRespon
     """The typed response of a task: resolved tag, each image encoded with its seed, warnings."""
     images = [
         pb.GeneratedImage(
-            image=image_message(output.image, job.mime_type, job.quality, job.describe(seed)),
+            image=image_message(output.image, job.mime_type, job.quality, job.describe(seed, output.image.size)),
             seed=seed,
             nsfw_content_detected=output.nsfw,
         )
@@ -212,24 +247,38 @@ def progress(event: StepEvent, preview_every: int) -> pb.StreamResponse:
 
 def model_info(served: ServedModel) -> pb.ModelInfo:
     model = served.model
+    main = served.main_signature()
     return pb.ModelInfo(
         tag=model.tag,
-        signatures=[
-            pb.SignatureInfo(
-                name=s.name, batchable=s.batchable, batch_dim=s.batch_dim, task=s.task, engine=served.engines[s.name]
-            )
-            for s in model.signatures.values()
-        ],
+        signatures=[signature_info(served, s) for s in model.signatures.values()],
         pipeline_class=model.info.pipeline_class,
         schedulers=list(served.defaults.compatible_schedulers),
-        default_height=served.defaults.height,
-        default_width=served.defaults.width,
+        default_height=served.default_size(main)[0],
+        default_width=served.default_size(main)[1],
         labels=dict(model.info.labels),
         default_scheduler=served.defaults.scheduler,
         dtype=served.dtype,
         control_inputs=served.control_inputs,
         load_options=model.effective_options().shown(),
         adapters=served.adapters.names(),
+        default_num_inference_steps=int(served.default(main, "num_inference_steps", 0)),
+        default_guidance_scale=float(served.default(main, "guidance_scale", 0.0)),
+    )
+
+
+def signature_info(served: ServedModel, signature: Any) -> pb.SignatureInfo:
+    """A signature with the defaults its own pipeline applies to what a request leaves unset."""
+    height, width = served.default_size(signature.name) if signature.task != EDIT else (0, 0)
+    return pb.SignatureInfo(
+        name=signature.name,
+        batchable=signature.batchable,
+        batch_dim=signature.batch_dim,
+        task=signature.task,
+        engine=served.engines[signature.name],
+        default_num_inference_steps=int(served.default(signature.name, "num_inference_steps", 0)),
+        default_guidance_scale=float(served.default(signature.name, "guidance_scale", 0.0)),
+        default_height=height,
+        default_width=width,
     )
 
 

@@ -47,13 +47,15 @@ class Params:
     control_guidance_start: float | None = None
     control_guidance_end: float | None = None
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA (name, weight) pairs, as sent
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
 
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """A TextToImage, ImageToImage or Inpaint request."""
+    """A TextToImage, ImageToImage, Inpaint or Edit request."""
 
-    task: str  # "text2img", "img2img" or "inpaint"
+    task: str  # "text2img", "img2img", "inpaint" or "edit"
     model: str
     prompt: str
     negative_prompt: str | None = None
@@ -64,6 +66,9 @@ class TaskRequest:
     prompt_2: str | None = None  # SDXL's second text encoder
     negative_prompt_2: str | None = None
     control_images: tuple[bytes, ...] = ()  # encoded ControlNet conditioning images, one per ControlNet
+    prompt_3: str | None = None  # SD3's T5 prompt
+    negative_prompt_3: str | None = None
+    images: tuple[bytes, ...] = ()  # encoded reference images (edit), in order
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ SEED_MODULUS = 2**64
 
 @dataclass(frozen=True)
 class Generation:
-    """One validated typed request (text2img, img2img or inpaint) for `num_images` images."""
+    """One validated typed request (text2img, img2img, inpaint or edit) for `num_images` images: every
+    generation parameter is declared here once, and both engines read it (`call_arguments` and `item_inputs`
+    for request batching, `step_inputs` for the step engine, whose key rules are its own: `step_key`)."""
 
     served: ServedModel
     signature: Signature
@@ -58,6 +60,12 @@ class Generation:
     control_guidance_end: float | None = None
     loras: tuple[Adapter, ...] = ()  # at their weights, sorted by name
     embeddings: tuple[Adapter, ...] = ()  # whose tokens the prompts use
+    size_given: bool = True  # False: the client left height and width to the pipeline (its own call's default)
+    prompt_3: str | None = None
+    negative_prompt_3: str | None = None
+    true_cfg_scale: float | None = None  # resolved to the pipeline's default where it takes one
+    max_sequence_length: int | None = None  # likewise
+    references: tuple[Any, ...] = ()  # edit: the reference images (PIL RGB, their own sizes), in order
 
     def seeds(self) -> list[int]:
         """Image i uses seed + i (mod 2**64), so each image is reproducible alone."""
@@ -71,7 +79,9 @@ class Generation:
             "guidance_scale": self.guidance_scale,
             "output_type": "pil",
         }
-        if takes("height") and takes("width"):
+        # A size the client left out is the pipeline's to choose, as its own call would (AuraFlow, Sana and
+        # Qwen-Image do not use the denoiser's sample size); an input image fixes it for img2img and inpaint.
+        if takes("height") and takes("width") and (self.size_given or self.image is not None):
             arguments.update(height=self.height, width=self.width)
         if self.scheduler:
             arguments["scheduler"] = self.scheduler
@@ -87,6 +97,8 @@ class Generation:
             "negative_aesthetic_score": self.negative_aesthetic_score,
             "control_guidance_start": self.control_guidance_start,
             "control_guidance_end": self.control_guidance_end,
+            "true_cfg_scale": self.true_cfg_scale,
+            "max_sequence_length": self.max_sequence_length,
         }
         arguments.update({name: value for name, value in optional.items() if value is not None})
         if self.control_scales:  # one float for one ControlNet, a list for several
@@ -102,6 +114,8 @@ class Generation:
         group: dict[str, Hashable] = {"inputs": tuple(sorted(self.item_inputs()))}
         if self.image is not None:
             group["input_size"] = self.image.size
+        if self.references:  # a pipeline would resize mismatched references to the first's size
+            group["reference_sizes"] = tuple(image.size for image in self.references)
         if self.loras:  # one call applies one adapter set
             group[ADAPTERS] = self.loras
         if self.embeddings:
@@ -122,12 +136,16 @@ class Generation:
         texts = {
             "prompt": self.prompt,
             "prompt_2": self.prompt_2,
+            "prompt_3": self.prompt_3,
             "negative_prompt": self.negative_prompt,
             "negative_prompt_2": self.negative_prompt_2,
+            "negative_prompt_3": self.negative_prompt_3,
         }
         inputs: dict[str, Any] = {name: text for name, text in texts.items() if text is not None}
         if self.image is not None:
             inputs["image"] = self.image
+        if self.references:  # one image, or the list a multi-reference editor takes as one item's input
+            inputs["image"] = self.references[0] if len(self.references) == 1 else list(self.references)
         if self.mask_image is not None:
             inputs["mask_image"] = self.mask_image
         control = self.served.control_parameter(self.signature.name)
@@ -184,10 +202,15 @@ class Generation:
             negative_aesthetic_score=self.negative_aesthetic_score,
             loras=self.loras,
             embeddings=self.embeddings,
+            prompt_3=self.prompt_3,
+            negative_prompt_3=self.negative_prompt_3,
+            true_cfg_scale=self.true_cfg_scale,
+            max_sequence_length=self.max_sequence_length,
         )
 
-    def describe(self, seed: int) -> Mapping[str, str]:
-        """Parameters written into each output PNG, so an image says how to make it again."""
+    def describe(self, seed: int, size: tuple[int, int] | None = None) -> Mapping[str, str]:
+        """Parameters written into each output PNG, so an image says how to make it again (`size`: the image's
+        (width, height))."""
         text = {
             "model": self.served.tag,
             "signature": self.signature.name,
@@ -198,14 +221,15 @@ class Generation:
             "num_inference_steps": str(self.num_inference_steps),
             "guidance_scale": repr(self.guidance_scale),
             "scheduler": self.scheduler or self.served.defaults.scheduler,
-            "height": str(self.height),
-            "width": str(self.width),
         }
+        width, height = size or (self.width, self.height)  # the image's own: the pipeline's choice when not given
+        text.update(height=str(height), width=str(width))
         if self.strength is not None:
             text["strength"] = repr(self.strength)
         if self.eta is not None:
             text["eta"] = repr(self.eta)
-        for name in ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"):
+        optional = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "true_cfg_scale")
+        for name in (*optional, "max_sequence_length", "original_size", "crops_coords_top_left", "target_size"):
             if getattr(self, name) is not None:
                 text[name] = str(getattr(self, name))
         return text

@@ -12,14 +12,14 @@ from typing import Any
 
 from model_store import Model, ModelNotFoundError, ModelStore, Signature, Tag, interface
 from model_store.defaults import PipelineDefaults, compatible_schedulers, read_pipeline_defaults
-from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG, Parameters
+from model_store.interface import EDIT, IMG2IMG, INPAINT, TEXT2IMG, Parameters
 from model_store.tags import shown
 from pipelines.adapters import EMBEDDING, Adapter
 
 from .errors import NotFound, Unimplemented
 
 log = logging.getLogger(__name__)
-_RPC_OF_TASK = {TEXT2IMG: "TextToImage", IMG2IMG: "ImageToImage", INPAINT: "Inpaint"}
+_RPC_OF_TASK = {TEXT2IMG: "TextToImage", IMG2IMG: "ImageToImage", INPAINT: "Inpaint", EDIT: "Edit"}
 
 
 class AdapterCatalog:
@@ -127,6 +127,27 @@ class ServedModel:
     def default(self, signature: str, name: str, fallback: Any) -> Any:
         """An argument's default in the signature's own pipeline (the model's default), else `fallback`."""
         return interface.default_of(self.parameters.get(signature), name, fallback)
+
+    def default_size(self, signature: str) -> tuple[int, int]:
+        """(height, width) of an image the signature makes when a request gives no size: its `__call__`'s own
+        default where the signature has one (AuraFlow, Kandinsky 3 and Sana say 1024), else what the pipeline
+        derives from its configs (`PipelineDefaults`)."""
+        height = self.default(signature, "height", None)
+        width = self.default(signature, "width", None)
+        if isinstance(height, int) and isinstance(width, int):
+            return height, width
+        return self.defaults.height, self.defaults.width
+
+    def takes_several_images(self, signature: str) -> bool:
+        """Whether an edit signature's pipeline is made for several reference images."""
+        method = self.model.signatures[signature].name
+        cls = self.pipeline_class if method == "__call__" else None
+        return cls is not None and cls.__name__ in interface.SEVERAL_IMAGES
+
+    def main_signature(self) -> str:
+        """The signature whose defaults describe the model: its text-to-image one, else its first."""
+        signatures = self.model.signatures
+        return next((s.name for s in signatures.values() if s.task == TEXT2IMG), next(iter(signatures), "__call__"))
 
     def prompt_warnings(self, *prompts: str | None) -> tuple[str, ...]:
         """Say when a prompt is longer than the text encoder reads (diffusers truncates it silently)."""

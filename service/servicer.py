@@ -173,6 +173,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         return await self._task(convert.task_request(request), context, None)  # type: ignore[return-value]
 
     @rpc
+    async def Edit(self, request: pb.EditRequest, context: Context) -> pb.EditResponse:
+        return await self._task(convert.task_request(request), context, None)  # type: ignore[return-value]
+
+    @rpc
     async def Call(self, request: pb.CallRequest, context: Context) -> pb.CallResponse:
         return await self._call(convert.call_request(request), context, None)
 
@@ -192,7 +196,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         kind, inner, preview_every = convert.stream_request(request)
         if kind is None or inner is None:
             raise InvalidArgument.of(
-                [FieldViolation("request", "set one of text_to_image, image_to_image, inpaint, call")]
+                [FieldViolation("request", "set one of text_to_image, image_to_image, inpaint, edit, call")]
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[pb.StreamResponse] = asyncio.Queue()

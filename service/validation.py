@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model_store.interface import IMG2IMG, INPAINT
+from model_store.interface import EDIT, IMG2IMG, INPAINT
 from model_store.tags import shown
 from pipelines.adapters import LORA, Adapter
 
@@ -100,8 +100,8 @@ class Violations:
 
 
 def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) -> Generation:
-    """TextToImage, ImageToImage and Inpaint: the common params, plus an input image (and for inpainting a mask
-    of its size) where the task takes them."""
+    """TextToImage, ImageToImage, Inpaint and Edit: the common params, plus an input image (and for inpainting a
+    mask of its size) or reference images where the task takes them."""
     served = registry.resolve(request.model)
     signature = served.signature_for(request.task)
     bad = Violations()
@@ -113,12 +113,15 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
         if image is not None and mask is not None and image.size != mask.size:
             want, got = f"{image.width}x{image.height}", f"{mask.width}x{mask.height}"
             bad.add("mask_image", f"must be the size of image, {want}, got {got}")
-    fields = _params(request.params, served, signature.name, limits, bad, input_size=image.size if image else None)
+    references = _references(request, served, signature.name, limits, bad) if request.task == EDIT else ()
+    input_size = image.size if image else references[0].size if references else None
+    fields = _params(request.params, served, signature.name, limits, bad, input_size=input_size)
     strength = _strength(request, served, signature.name, fields["num_inference_steps"], bad) if image else None
-    fields.update(_second_texts(request, served, signature.name, bad))
+    fields.update(_more_texts(request, served, signature.name, bad))
+    fields.update(_text_guidance(request.params, served, signature.name, bad))
     fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
     fields.update(_control(request, served, limits, fields, bad))
-    for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+    for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"):
         limits.check_text(getattr(request, name), name, bad)
     images, steps = fields["num_images"], fields["num_inference_steps"]
     limits.check_budget(images, fields["height"], fields["width"], steps, "params", bad)
@@ -136,9 +139,30 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
         strength=strength,
         image=_resized(image, fields),
         mask_image=_resized(mask.convert("L") if mask else None, fields),
+        references=references,
         warnings=served.prompt_warnings(request.prompt, request.negative_prompt),
         **fields,
     )
+
+
+MAX_REFERENCES = 4  # reference images one Edit may send (Qwen-Image-Edit-Plus is trained on up to 3)
+
+
+def _references(
+    request: TaskRequest, served: ServedModel, signature: str, limits: Limits, bad: Violations
+) -> tuple[Any, ...]:
+    """An Edit's reference images, decoded, as the pipeline takes them (RGB, their own size): one, or several
+    where the pipeline is made for several."""
+    if not request.images:
+        bad.add("images", "is required: send the image to edit (several where the model takes several)")
+        return ()
+    most = MAX_REFERENCES if served.takes_several_images(signature) else 1
+    if len(request.images) > most:
+        given = len(request.images)
+        bad.add("images", f"{served.tag}'s {signature} takes at most {most} reference image(s), got {given}")
+        return ()
+    decoded = [decoded_image(data, f"images[{i}]", limits, bad) for i, data in enumerate(request.images)]
+    return tuple(image for image in decoded if image is not None)
 
 
 def _params(
@@ -156,11 +180,13 @@ def _params(
     if input_size is not None:
         width0, height0 = (max(8, (side // 8) * 8) for side in input_size)
     else:
-        width0, height0 = served.defaults.width, served.defaults.height
+        height0, width0 = served.default_size(signature)
     height = params.height if params.height is not None else height0
     width = params.width if params.width is not None else width0
-    for name, value in (("params.height", height), ("params.width", width)):
-        if value < 8 or value > limits.max_image_size or value % 8:
+    # Only sizes the client chose are held to the rule; a default is the pipeline's own (even one such as
+    # Lumina2's tiny 4x4), and a pipeline accepts its own defaults.
+    for name, value, given in (("params.height", height, params.height), ("params.width", width, params.width)):
+        if given is not None and (value < 8 or value > limits.max_image_size or value % 8):
             bad.add(name, f"must be a multiple of 8 between 8 and {limits.max_image_size}, got {value}")
     steps = (
         params.steps if params.steps is not None else served.default(signature, "num_inference_steps", FALLBACK_STEPS)
@@ -192,6 +218,7 @@ def _params(
         "guidance_scale": float(guidance),
         "height": height,
         "width": width,
+        "size_given": params.height is not None or params.width is not None,
         "seed": params.seed if params.seed is not None else secrets.randbits(63),
         "num_images": num_images,
         "scheduler": params.scheduler,
@@ -201,13 +228,46 @@ def _params(
     }
 
 
-def _second_texts(request: TaskRequest, served: ServedModel, signature: str, bad: Violations) -> dict[str, Any]:
-    """SDXL's prompts for its second text encoder; refused by models that have none."""
+def _more_texts(request: TaskRequest, served: ServedModel, signature: str, bad: Violations) -> dict[str, Any]:
+    """The prompts of a second and third text encoder (SDXL, SD3, FLUX); refused by models that have none."""
     takes = served.takes(signature)
-    for name in ("prompt_2", "negative_prompt_2"):
+    names = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+    for name in names:
         if getattr(request, name) is not None and not takes(name):
-            bad.add(name, f"{served.tag}'s {signature} does not take {name} (it has one text encoder)")
-    return {"prompt_2": request.prompt_2, "negative_prompt_2": request.negative_prompt_2}
+            bad.add(name, f"{served.tag}'s {signature} does not take {name} (it has no such text encoder)")
+    return {name: getattr(request, name) for name in names}
+
+
+MAX_SEQUENCE_LENGTH = 512  # T5's (FLUX and SD3 refuse more); a model whose own default is longer allows that
+
+
+def _text_guidance(params: Params, served: ServedModel, signature: str, bad: Violations) -> dict[str, Any]:
+    """True CFG's scale and the long text encoder's prompt length: the request's, else the pipeline's defaults
+    where it takes them; refused by models that do not."""
+    takes = served.takes(signature)
+    resolved: dict[str, Any] = {}
+    scale = params.true_cfg_scale
+    if scale is not None:
+        if not takes("true_cfg_scale"):
+            bad.add("params.true_cfg_scale", f"{served.tag}'s {signature} does not take true_cfg_scale")
+        elif not math.isfinite(scale):
+            bad.add("params.true_cfg_scale", f"must be a finite number, got {scale}")
+        else:
+            resolved["true_cfg_scale"] = float(scale)
+    elif takes("true_cfg_scale") and served.parameters.get(signature) is not None:
+        resolved["true_cfg_scale"] = float(served.default(signature, "true_cfg_scale", 1.0))
+    length = params.max_sequence_length
+    if length is not None and not takes("max_sequence_length"):
+        bad.add("params.max_sequence_length", f"{served.tag}'s {signature} does not take max_sequence_length")
+    elif takes("max_sequence_length") and served.parameters.get(signature) is not None:
+        default = int(served.default(signature, "max_sequence_length", MAX_SEQUENCE_LENGTH))
+        most = max(MAX_SEQUENCE_LENGTH, default)
+        if length is not None and not 1 <= length <= most:
+            bad.add("params.max_sequence_length", f"must be between 1 and {most}, got {length}")
+        resolved["max_sequence_length"] = length if length is not None else default
+    elif length is not None:
+        resolved["max_sequence_length"] = length
+    return resolved
 
 
 SIZE_CONDITIONING_MAX = 16384  # pixels: far above any training size, small enough to stay meaningful

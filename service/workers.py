@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 
 from batching import BackendFactory, BatchReport, Executor, WorkItem
-from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG
+from model_store.interface import EDIT, IMG2IMG, INPAINT, TEXT2IMG
 from pipelines.worker import PipelineWorker, WarmupWork
 
 from . import validation
@@ -46,16 +46,18 @@ def resolve_devices(spec: str) -> list[str]:
 
 
 def warmup_requests(registry: ModelRegistry) -> list[TaskRequest]:
-    """One single-step request per typed task each model serves, at its default size, with the inputs the task
-    needs (an image, a mask). Custom signatures are not warmed: nobody knows what they take."""
+    """One single-step request per typed task each model serves, with the inputs the task needs (an image, a
+    mask, a reference image) at the model's default size, and no size of its own: the pipeline picks its own
+    default, a value it accepts. Custom signatures are not warmed: nobody knows what they take."""
     requests = []
     for served in registry.models:
         width, height = served.defaults.width, served.defaults.height
-        tasks = {s.task for s in served.model.signatures.values()} & {TEXT2IMG, IMG2IMG, INPAINT}
+        width, height = max(8, width // 8 * 8), max(8, height // 8 * 8)  # an input image validation accepts
+        tasks = {s.task for s in served.model.signatures.values()} & {TEXT2IMG, IMG2IMG, INPAINT, EDIT}
         gray = _png(Image.new("RGB", (width, height), (128, 128, 128)))
         controls = (gray,) * served.control_inputs
         for task in sorted(tasks):
-            image = gray if task != TEXT2IMG else None
+            image = gray if task in (IMG2IMG, INPAINT) else None
             mask = _png(Image.new("L", (width, height), 255)) if task == INPAINT else None
             strength = 1.0 if image is not None else None
             requests.append(
@@ -68,6 +70,7 @@ def warmup_requests(registry: ModelRegistry) -> list[TaskRequest]:
                     mask_image=mask,
                     strength=strength,
                     control_images=controls,
+                    images=(gray,) if task == EDIT else (),
                 )
             )
     return requests

@@ -108,7 +108,7 @@ def mixed_work(home: ModelStore) -> list[tuple[str, str, StepInputs, int]]:
             "img2img",
             spec("img2img", "a city", 5, 3.0, strength=0.9, image=image, true_cfg_scale=3.0, negative_prompt="rain"),
             16,
-        ),  # fmt: skip
+        ),
         (flux, "__call__", spec("text2img", "a long text", 4, 3.5, max_sequence_length=24), 17),  # a set of its own
         (schnell, "__call__", spec("text2img", "a hill", 2, 0.0), 18),
         (schnell, "__call__", spec("text2img", "a harbour", 4, 0.0, negative_prompt="ugly", true_cfg_scale=2.5), 19),

@@ -6,7 +6,7 @@ import diffusers
 import pytest
 
 from model_store import interface
-from model_store.interface import CUSTOM, IMG2IMG, INPAINT, TEXT2IMG
+from model_store.interface import CUSTOM, EDIT, IMG2IMG, INPAINT, TEXT2IMG
 
 
 @pytest.mark.parametrize(
@@ -22,8 +22,11 @@ from model_store.interface import CUSTOM, IMG2IMG, INPAINT, TEXT2IMG
         ("StableDiffusion3Pipeline", TEXT2IMG),
         ("FluxPipeline", TEXT2IMG),
         ("DDPMPipeline", CUSTOM),  # unconditional: no prompt
-        ("StableDiffusionInstructPix2PixPipeline", CUSTOM),  # an image but no strength: editing, not img2img
-        ("StableDiffusionUpscalePipeline", CUSTOM),
+        ("StableDiffusionInstructPix2PixPipeline", EDIT),  # an image but no strength: editing, not img2img
+        ("FluxKontextPipeline", EDIT),
+        ("QwenImageEditPipeline", EDIT),
+        ("QwenImageEditPlusPipeline", EDIT),
+        ("StableDiffusionUpscalePipeline", CUSTOM),  # an image and a prompt, but a noise level: an upscaler
         ("PaintByExamplePipeline", CUSTOM),  # a mask, but an example image instead of a prompt
         ("TextToVideoSDPipeline", CUSTOM),  # frames, not images
         ("AudioLDMPipeline", CUSTOM),

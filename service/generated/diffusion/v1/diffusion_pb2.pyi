@@ -110,6 +110,8 @@ class GenerationParams(_message.Message):
     CONTROL_GUIDANCE_START_FIELD_NUMBER: _builtins.int
     CONTROL_GUIDANCE_END_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """Denoising steps, 1 up to the server's maximum."""
     guidance_scale: _builtins.float
@@ -138,6 +140,14 @@ class GenerationParams(_message.Message):
     """Fraction of the steps at which the ControlNets start to apply, in [0, 1); absent means 0."""
     control_guidance_end: _builtins.float
     """Fraction of the steps at which the ControlNets stop applying, in (0, 1]; absent means 1."""
+    true_cfg_scale: _builtins.float
+    """True classifier-free guidance (FLUX, Qwen-Image): with a negative prompt and a scale above 1, a second,
+    unconditional pass. Absent means the pipeline's default (1.0: off). Only for models that take it.
+    """
+    max_sequence_length: _builtins.int
+    """The T5 (or other long) text encoder's prompt length in tokens; absent means the pipeline's default. Only
+    for models that take it.
+    """
     @_builtins.property
     def size_conditioning(self) -> Global___SizeConditioning:
         """SDXL micro-conditioning (original size, crop, target size); only for models that take it."""
@@ -170,10 +180,12 @@ class GenerationParams(_message.Message):
         control_guidance_start: _builtins.float | None = ...,
         control_guidance_end: _builtins.float | None = ...,
         adapters: _abc.Iterable[Global___Adapter] | None = ...,
+        true_cfg_scale: _builtins.float | None = ...,
+        max_sequence_length: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "max_sequence_length", b"max_sequence_length", "negative_aesthetic_score", b"negative_aesthetic_score", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "size_conditioning", b"size_conditioning", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_width", b"_width", "adapters", b"adapters", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "adapters", b"adapters", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "max_sequence_length", b"max_sequence_length", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__aesthetic_score: _TypeAlias = _typing.Literal["aesthetic_score"]  # noqa: Y015
     _WhichOneofArgType__aesthetic_score: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score"]  # noqa: Y015
@@ -187,6 +199,8 @@ class GenerationParams(_message.Message):
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
     _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
+    _WhichOneofReturnType__max_sequence_length: _TypeAlias = _typing.Literal["max_sequence_length"]  # noqa: Y015
+    _WhichOneofArgType__max_sequence_length: _TypeAlias = _typing.Literal["_max_sequence_length", b"_max_sequence_length"]  # noqa: Y015
     _WhichOneofReturnType__negative_aesthetic_score: _TypeAlias = _typing.Literal["negative_aesthetic_score"]  # noqa: Y015
     _WhichOneofArgType__negative_aesthetic_score: _TypeAlias = _typing.Literal["_negative_aesthetic_score", b"_negative_aesthetic_score"]  # noqa: Y015
     _WhichOneofReturnType__num_inference_steps: _TypeAlias = _typing.Literal["num_inference_steps"]  # noqa: Y015
@@ -195,6 +209,8 @@ class GenerationParams(_message.Message):
     _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__true_cfg_scale: _TypeAlias = _typing.Literal["true_cfg_scale"]  # noqa: Y015
+    _WhichOneofArgType__true_cfg_scale: _TypeAlias = _typing.Literal["_true_cfg_scale", b"_true_cfg_scale"]  # noqa: Y015
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
@@ -210,6 +226,8 @@ class GenerationParams(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_sequence_length) -> _WhichOneofReturnType__max_sequence_length | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__negative_aesthetic_score) -> _WhichOneofReturnType__negative_aesthetic_score | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_inference_steps) -> _WhichOneofReturnType__num_inference_steps | None: ...
@@ -217,6 +235,8 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__quality) -> _WhichOneofReturnType__quality | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__true_cfg_scale) -> _WhichOneofReturnType__true_cfg_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
@@ -360,6 +380,8 @@ class TextToImageRequest(_message.Message):
     PROMPT_2_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
     CONTROL_IMAGES_FIELD_NUMBER: _builtins.int
+    PROMPT_3_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_3_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag (`name` or `name:version`); empty means the server's default model."""
     prompt: _builtins.str
@@ -370,6 +392,10 @@ class TextToImageRequest(_message.Message):
     """The prompt for the second text encoder (SDXL); empty means the same as `prompt`."""
     negative_prompt_2: _builtins.str
     """The negative prompt for the second text encoder (SDXL); empty means the same as `negative_prompt`."""
+    prompt_3: _builtins.str
+    """The prompt for the third text encoder (SD3's T5); empty means the same as `prompt`."""
+    negative_prompt_3: _builtins.str
+    """The negative prompt for the third text encoder (SD3); empty means the same as `negative_prompt`."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Generation parameters; absent means the model's defaults."""
@@ -388,10 +414,12 @@ class TextToImageRequest(_message.Message):
         prompt_2: _builtins.str = ...,
         negative_prompt_2: _builtins.str = ...,
         control_images: _abc.Iterable[Global___Image] | None = ...,
+        prompt_3: _builtins.str = ...,
+        negative_prompt_3: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_images", b"control_images", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_images", b"control_images", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "negative_prompt_3", b"negative_prompt_3", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "prompt_3", b"prompt_3"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,6 +474,8 @@ class ImageToImageRequest(_message.Message):
     PROMPT_2_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
     CONTROL_IMAGES_FIELD_NUMBER: _builtins.int
+    PROMPT_3_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_3_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag; empty means the server's default model."""
     prompt: _builtins.str
@@ -458,6 +488,10 @@ class ImageToImageRequest(_message.Message):
     """The prompt for the second text encoder (SDXL); empty means the same as `prompt`."""
     negative_prompt_2: _builtins.str
     """The negative prompt for the second text encoder (SDXL); empty means the same as `negative_prompt`."""
+    prompt_3: _builtins.str
+    """The prompt for the third text encoder (SD3's T5); empty means the same as `prompt`."""
+    negative_prompt_3: _builtins.str
+    """The negative prompt for the third text encoder (SD3); empty means the same as `negative_prompt`."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Generation parameters; height and width default to the input image's size."""
@@ -482,10 +516,12 @@ class ImageToImageRequest(_message.Message):
         prompt_2: _builtins.str = ...,
         negative_prompt_2: _builtins.str = ...,
         control_images: _abc.Iterable[Global___Image] | None = ...,
+        prompt_3: _builtins.str = ...,
+        negative_prompt_3: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "image", b"image", "params", b"params", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "control_images", b"control_images", "image", b"image", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "control_images", b"control_images", "image", b"image", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "negative_prompt_3", b"negative_prompt_3", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "prompt_3", b"prompt_3", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
@@ -543,6 +579,8 @@ class InpaintRequest(_message.Message):
     PROMPT_2_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_2_FIELD_NUMBER: _builtins.int
     CONTROL_IMAGES_FIELD_NUMBER: _builtins.int
+    PROMPT_3_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_3_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model tag; empty means the server's default model."""
     prompt: _builtins.str
@@ -555,6 +593,10 @@ class InpaintRequest(_message.Message):
     """The prompt for the second text encoder (SDXL); empty means the same as `prompt`."""
     negative_prompt_2: _builtins.str
     """The negative prompt for the second text encoder (SDXL); empty means the same as `negative_prompt`."""
+    prompt_3: _builtins.str
+    """The prompt for the third text encoder (SD3's T5); empty means the same as `prompt`."""
+    negative_prompt_3: _builtins.str
+    """The negative prompt for the third text encoder (SD3); empty means the same as `negative_prompt`."""
     @_builtins.property
     def params(self) -> Global___GenerationParams:
         """Generation parameters; height and width default to the input image's size."""
@@ -584,10 +626,12 @@ class InpaintRequest(_message.Message):
         prompt_2: _builtins.str = ...,
         negative_prompt_2: _builtins.str = ...,
         control_images: _abc.Iterable[Global___Image] | None = ...,
+        prompt_3: _builtins.str = ...,
+        negative_prompt_3: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "image", b"image", "mask_image", b"mask_image", "params", b"params", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "control_images", b"control_images", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "strength", b"strength"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_strength", b"_strength", "control_images", b"control_images", "image", b"image", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "negative_prompt_2", b"negative_prompt_2", "negative_prompt_3", b"negative_prompt_3", "params", b"params", "prompt", b"prompt", "prompt_2", b"prompt_2", "prompt_3", b"prompt_3", "strength", b"strength"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
@@ -737,8 +781,92 @@ class CallResponse(_message.Message):
 Global___CallResponse: _TypeAlias = CallResponse  # noqa: Y015
 
 @_typing.final
+class EditRequest(_message.Message):
+    """Instruction editing: reference images and a prompt that says what to change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model tag; empty means the server's default model."""
+    prompt: _builtins.str
+    """The instruction: what to change, or what to make of the reference images."""
+    negative_prompt: _builtins.str
+    """What to steer away from (FLUX Kontext and Qwen-Image-Edit: with true_cfg_scale above 1)."""
+    output_format: Global___OutputFormat.ValueType
+    """Encoding of the output images; UNSPECIFIED means params.output_format."""
+    quality: _builtins.int
+    """JPEG/WebP quality, 1-100; 0 means params.quality."""
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """The reference images, in order; models that take one need exactly one."""
+
+    @_builtins.property
+    def params(self) -> Global___GenerationParams:
+        """Generation parameters; height and width default to what the pipeline makes of the first image."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        negative_prompt: _builtins.str = ...,
+        images: _abc.Iterable[Global___Image] | None = ...,
+        params: Global___GenerationParams | None = ...,
+        output_format: Global___OutputFormat.ValueType = ...,
+        quality: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "negative_prompt", b"negative_prompt", "output_format", b"output_format", "params", b"params", "prompt", b"prompt", "quality", b"quality"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EditRequest: _TypeAlias = EditRequest  # noqa: Y015
+
+@_typing.final
+class EditResponse(_message.Message):
+    """Edit result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The resolved full tag."""
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
+        """The images, in seed order."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Non-fatal notes about the request."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        images: _abc.Iterable[Global___GeneratedImage] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EditResponse: _TypeAlias = EditResponse  # noqa: Y015
+
+@_typing.final
 class StreamRequest(_message.Message):
-    """One of the four requests, run with progress events."""
+    """One of the requests, run with progress events."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -746,6 +874,7 @@ class StreamRequest(_message.Message):
     IMAGE_TO_IMAGE_FIELD_NUMBER: _builtins.int
     INPAINT_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
     PREVIEW_EVERY_FIELD_NUMBER: _builtins.int
     preview_every: _builtins.int
     """Send a small preview image every N steps; 0 sends none."""
@@ -765,6 +894,10 @@ class StreamRequest(_message.Message):
     def call(self) -> Global___CallRequest:
         """A Call request."""
 
+    @_builtins.property
+    def edit(self) -> Global___EditRequest:
+        """An Edit request."""
+
     def __init__(
         self,
         *,
@@ -772,13 +905,14 @@ class StreamRequest(_message.Message):
         image_to_image: Global___ImageToImageRequest | None = ...,
         inpaint: Global___InpaintRequest | None = ...,
         call: Global___CallRequest | None = ...,
+        edit: Global___EditRequest | None = ...,
         preview_every: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "request", b"request", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "request", b"request", "text_to_image", b"text_to_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "preview_every", b"preview_every", "request", b"request", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "preview_every", b"preview_every", "request", b"request", "text_to_image", b"text_to_image"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["text_to_image", "image_to_image", "inpaint", "call"]  # noqa: Y015
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["text_to_image", "image_to_image", "inpaint", "call", "edit"]  # noqa: Y015
     _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
 
@@ -831,6 +965,7 @@ class StreamResponse(_message.Message):
     IMAGE_TO_IMAGE_FIELD_NUMBER: _builtins.int
     INPAINT_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def progress(self) -> Global___Progress:
         """A step finished."""
@@ -851,6 +986,10 @@ class StreamResponse(_message.Message):
     def call(self) -> Global___CallResponse:
         """The result of a Call request."""
 
+    @_builtins.property
+    def edit(self) -> Global___EditResponse:
+        """The result of an Edit request."""
+
     def __init__(
         self,
         *,
@@ -859,12 +998,13 @@ class StreamResponse(_message.Message):
         image_to_image: Global___ImageToImageResponse | None = ...,
         inpaint: Global___InpaintResponse | None = ...,
         call: Global___CallResponse | None = ...,
+        edit: Global___EditResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "event", b"event", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "progress", b"progress", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "event", b"event", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "progress", b"progress", "text_to_image", b"text_to_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "event", b"event", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "progress", b"progress", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "edit", b"edit", "event", b"event", "image_to_image", b"image_to_image", "inpaint", b"inpaint", "progress", b"progress", "text_to_image", b"text_to_image"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "text_to_image", "image_to_image", "inpaint", "call"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "text_to_image", "image_to_image", "inpaint", "call", "edit"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1015,6 +1155,8 @@ class ModelInfo(_message.Message):
     CONTROL_INPUTS_FIELD_NUMBER: _builtins.int
     LOAD_OPTIONS_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    DEFAULT_NUM_INFERENCE_STEPS_FIELD_NUMBER: _builtins.int
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Full tag, `name:version`."""
     pipeline_class: _builtins.str
@@ -1029,6 +1171,10 @@ class ModelInfo(_message.Message):
     """The torch dtype the model runs in on this server ("float16", "bfloat16", "float32", ...)."""
     control_inputs: _builtins.int
     """How many ControlNet conditioning images a request must send (0: the model has no ControlNet)."""
+    default_num_inference_steps: _builtins.int
+    """Denoising steps of a request that gives none (its text-to-image signature's; see SignatureInfo)."""
+    default_guidance_scale: _builtins.float
+    """Guidance scale of a request that gives none (its text-to-image signature's; see SignatureInfo)."""
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignatureInfo]:
         """The signatures a client may call."""
@@ -1064,10 +1210,12 @@ class ModelInfo(_message.Message):
         control_inputs: _builtins.int = ...,
         load_options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         adapters: _abc.Iterable[_builtins.str] | None = ...,
+        default_num_inference_steps: _builtins.int = ...,
+        default_guidance_scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "control_inputs", b"control_inputs", "default_height", b"default_height", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "control_inputs", b"control_inputs", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1084,6 +1232,10 @@ class SignatureInfo(_message.Message):
     BATCH_DIM_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     ENGINE_FIELD_NUMBER: _builtins.int
+    DEFAULT_NUM_INFERENCE_STEPS_FIELD_NUMBER: _builtins.int
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
+    DEFAULT_HEIGHT_FIELD_NUMBER: _builtins.int
+    DEFAULT_WIDTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Method name, such as `__call__` or `text2img`."""
     batchable: _builtins.bool
@@ -1091,11 +1243,21 @@ class SignatureInfo(_message.Message):
     batch_dim: _builtins.int
     """The dimension along which per-item arguments are stacked."""
     task: _builtins.str
-    """"text2img", "img2img", "inpaint" or "custom"."""
+    """"text2img", "img2img", "inpaint", "edit" or "custom"."""
     engine: _builtins.str
     """How requests of this signature are batched: "step" (they join and leave a running denoising batch at step
     boundaries) or "request" (requests with equal call-wide arguments share one pipeline call).
     """
+    default_num_inference_steps: _builtins.int
+    """What this signature's pipeline uses when a request leaves them unset (0 where it has no such parameter,
+    or where the default depends on the input image).
+    """
+    default_guidance_scale: _builtins.float
+    """The guidance scale it uses when a request gives none."""
+    default_height: _builtins.int
+    """The output height it makes when a request gives none."""
+    default_width: _builtins.int
+    """The output width it makes when a request gives none."""
     def __init__(
         self,
         *,
@@ -1104,10 +1266,14 @@ class SignatureInfo(_message.Message):
         batch_dim: _builtins.int = ...,
         task: _builtins.str = ...,
         engine: _builtins.str = ...,
+        default_num_inference_steps: _builtins.int = ...,
+        default_guidance_scale: _builtins.float = ...,
+        default_height: _builtins.int = ...,
+        default_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim", b"batch_dim", "batchable", b"batchable", "engine", b"engine", "name", b"name", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim", b"batch_dim", "batchable", b"batchable", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "engine", b"engine", "name", b"name", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,11 @@ class DiffusionServiceStub:
                 request_serializer=diffusion_dot_v1_dot_diffusion__pb2.CallRequest.SerializeToString,
                 response_deserializer=diffusion_dot_v1_dot_diffusion__pb2.CallResponse.FromString,
                 _registered_method=True)
+        self.Edit = channel.unary_unary(
+                '/diffusion.v1.DiffusionService/Edit',
+                request_serializer=diffusion_dot_v1_dot_diffusion__pb2.EditRequest.SerializeToString,
+                response_deserializer=diffusion_dot_v1_dot_diffusion__pb2.EditResponse.FromString,
+                _registered_method=True)
         self.Stream = channel.unary_stream(
                 '/diffusion.v1.DiffusionService/Stream',
                 request_serializer=diffusion_dot_v1_dot_diffusion__pb2.StreamRequest.SerializeToString,
@@ -104,8 +109,16 @@ class DiffusionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Edit(self, request, context):
+        """Edits reference images by instruction (the model's edit signature: FLUX Kontext, Qwen-Image-Edit), with no
+        strength: the prompt says what to change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stream(self, request, context):
-        """Runs one of the four requests above, streaming step progress before the result.
+        """Runs one of the requests above, streaming step progress before the result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +160,11 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.Call,
                     request_deserializer=diffusion_dot_v1_dot_diffusion__pb2.CallRequest.FromString,
                     response_serializer=diffusion_dot_v1_dot_diffusion__pb2.CallResponse.SerializeToString,
+            ),
+            'Edit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Edit,
+                    request_deserializer=diffusion_dot_v1_dot_diffusion__pb2.EditRequest.FromString,
+                    response_serializer=diffusion_dot_v1_dot_diffusion__pb2.EditResponse.SerializeToString,
             ),
             'Stream': grpc.unary_stream_rpc_method_handler(
                     servicer.Stream,
@@ -273,6 +291,33 @@ class DiffusionService:
             '/diffusion.v1.DiffusionService/Call',
             diffusion_dot_v1_dot_diffusion__pb2.CallRequest.SerializeToString,
             diffusion_dot_v1_dot_diffusion__pb2.CallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Edit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffusion.v1.DiffusionService/Edit',
+            diffusion_dot_v1_dot_diffusion__pb2.EditRequest.SerializeToString,
+            diffusion_dot_v1_dot_diffusion__pb2.EditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,8 +44,12 @@ class DiffusionServiceStub:
     """Repaints the masked part of an image (inpaint signature, or a task derived with from_pipe)."""
     Call: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.CallRequest, _diffusion_pb2.CallResponse]
     """Runs any declared signature by name with free-form arguments."""
+    Edit: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.EditRequest, _diffusion_pb2.EditResponse]
+    """Edits reference images by instruction (the model's edit signature: FLUX Kontext, Qwen-Image-Edit), with no
+    strength: the prompt says what to change.
+    """
     Stream: _grpc.UnaryStreamMultiCallable[_diffusion_pb2.StreamRequest, _diffusion_pb2.StreamResponse]
-    """Runs one of the four requests above, streaming step progress before the result."""
+    """Runs one of the requests above, streaming step progress before the result."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.ListModelsRequest, _diffusion_pb2.ListModelsResponse]
     """Lists the models this server serves."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_diffusion_pb2.GetModelRequest, _diffusion_pb2.GetModelResponse]
@@ -64,8 +68,12 @@ class DiffusionServiceAsyncStub(DiffusionServiceStub):
     """Repaints the masked part of an image (inpaint signature, or a task derived with from_pipe)."""
     Call: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.CallRequest, _diffusion_pb2.CallResponse]  # type: ignore[assignment]
     """Runs any declared signature by name with free-form arguments."""
+    Edit: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.EditRequest, _diffusion_pb2.EditResponse]  # type: ignore[assignment]
+    """Edits reference images by instruction (the model's edit signature: FLUX Kontext, Qwen-Image-Edit), with no
+    strength: the prompt says what to change.
+    """
     Stream: _aio.UnaryStreamMultiCallable[_diffusion_pb2.StreamRequest, _diffusion_pb2.StreamResponse]  # type: ignore[assignment]
-    """Runs one of the four requests above, streaming step progress before the result."""
+    """Runs one of the requests above, streaming step progress before the result."""
     ListModels: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.ListModelsRequest, _diffusion_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models this server serves."""
     GetModel: _aio.UnaryUnaryMultiCallable[_diffusion_pb2.GetModelRequest, _diffusion_pb2.GetModelResponse]  # type: ignore[assignment]
@@ -107,12 +115,22 @@ class DiffusionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Runs any declared signature by name with free-form arguments."""
 
     @_abc_1.abstractmethod
+    def Edit(
+        self,
+        request: _diffusion_pb2.EditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_diffusion_pb2.EditResponse, _abc.Awaitable[_diffusion_pb2.EditResponse]]:
+        """Edits reference images by instruction (the model's edit signature: FLUX Kontext, Qwen-Image-Edit), with no
+        strength: the prompt says what to change.
+        """
+
+    @_abc_1.abstractmethod
     def Stream(
         self,
         request: _diffusion_pb2.StreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_diffusion_pb2.StreamResponse], _abc.AsyncIterator[_diffusion_pb2.StreamResponse]]:
-        """Runs one of the four requests above, streaming step progress before the result."""
+        """Runs one of the requests above, streaming step progress before the result."""
 
     @_abc_1.abstractmethod
     def ListModels(
