@@ -256,3 +256,74 @@ def build_tiny_pixart_sigma(seed: int = 0, torch_dtype: Any = None) -> Any:
             tokenizer=build_t5_tokenizer(),
         )
     return finish_pipeline(pipe, torch_dtype)
+
+
+_LUMINA_SEED, _GEMMA_SEED = 27, 28
+
+
+def build_gemma_tokenizer() -> Any:
+    """A Gemma-style tokenizer (pad 0, eos 1, bos 2, unk 3) over the demo corpus, as `GemmaTokenizerFast`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GemmaTokenizerFast  # type: ignore[attr-defined]  # at run time: the fast tokenizer
+
+    words = sorted(set(re.findall(r"[a-z]+", _CORPUS.lower())))
+    chars = sorted(set(_CORPUS.lower()) - {" ", "\n"})
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *(f"\u2581{w}" for w in words), *chars]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    wrapped = GemmaTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    with tempfile.TemporaryDirectory(prefix="tiny-gemma-tokenizer-") as tmp:
+        wrapped.save_pretrained(tmp)
+        return GemmaTokenizerFast.from_pretrained(tmp)
+
+
+def build_tiny_lumina2(seed: int = 0, torch_dtype: Any = None) -> Any:
+    """Lumina-Image 2.0 as diffusers' test builds it: a sample size of 4 and a VAE that does not downsample,
+    while the pipeline assumes 8x: its own default is a 32 px request that decodes to 4x4 pixels."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _LUMINA_SEED)
+        transformer = Lumina2Transformer2DModel(
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=8,
+            num_layers=2,
+            num_attention_heads=1,
+            num_kv_heads=1,
+            multiple_of=16,
+            ffn_dim_multiplier=None,
+            norm_eps=1e-5,
+            scaling_factor=1.0,
+            axes_dim_rope=(4, 2, 2),
+            cap_feat_dim=8,
+        )
+        vae = _vae(seed + _VAE_SEED, latent_channels=4)
+        tokenizer = build_gemma_tokenizer()
+        torch.manual_seed(seed + _GEMMA_SEED)
+        config = Gemma2Config(
+            head_dim=4,
+            hidden_size=8,
+            intermediate_size=8,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            sliding_window=2,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        pipe = Lumina2Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=Gemma2Model(config),
+            tokenizer=tokenizer,
+        )
+    return finish_pipeline(pipe, torch_dtype)
