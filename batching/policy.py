@@ -21,6 +21,10 @@ from dataclasses import dataclass
 
 FORGET = 0.9  # weight kept by past observations at each new one
 PAYING_ROWS = 9.0  # a tick may hold up to PAYING_ROWS * fixed / per_row rows: the last doubling still pays 10%
+# ...but never fewer than this: where batching no longer pays (a compute-bound model: tiny SD3 at 32x32), sharing
+# a tick still costs no throughput (rows cost the same together or apart) and lets a short request run beside a
+# long one instead of waiting for it (at 2 rows a 4-step request waited out an 80-step one: 13x its latency).
+MIN_SHARED_ROWS = 8
 RATE_WEIGHT = 0.2  # weight of the newest inter-arrival gap
 OOM_COOLDOWN = 60.0  # seconds a lowered batch limit holds
 MAX_TICK_SECONDS = 1.0  # a step-engine tick may hold only the rows the cost model says run within this
@@ -117,7 +121,8 @@ class BatchPolicy:
 
         At most two per item of `max_batch_size` (classifier-free guidance), fewer for a while after an
         out-of-memory, and fewer where the learned tick cost says more rows no longer pay: with t(r) = fixed +
-        per_row * r, doubling the rows to r still gains >= 10% throughput only while r <= 9 * fixed / per_row.
+        per_row * r, doubling the rows to r still gains >= 10% throughput only while r <= 9 * fixed / per_row
+        (but at least MIN_SHARED_ROWS, so items still join a running set).
         Nor more than a tick of `max_tick_seconds` holds (one item always fits): a set of huge images cannot keep
         the worker from the other sets for long, since sets take turns tick by tick.
         """
@@ -129,7 +134,7 @@ class BatchPolicy:
         if lowered is not None and now < lowered[1]:
             budget = min(budget, lowered[0])
         if line is not None and line[1] > 0:
-            budget = min(budget, max(2, int(PAYING_ROWS * line[0] / line[1])))
+            budget = min(budget, max(MIN_SHARED_ROWS, int(PAYING_ROWS * line[0] / line[1])))
             # One set's tick must not hold the worker long: other sets (small requests) tick in between.
             budget = min(budget, max(2, int((self.max_tick_seconds - line[0]) / line[1])))
         return budget

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from batching import BatchKey, BatchQueue, WorkItem
-from batching.policy import OOM_COOLDOWN, BatchPolicy
+from batching.policy import MIN_SHARED_ROWS, OOM_COOLDOWN, BatchPolicy
 
 KEY = BatchKey.build("m", "__call__", {"steps": 8})
 
@@ -122,3 +122,16 @@ def test_the_row_budget_follows_the_learned_tick_cost_and_out_of_memory():
     policy.out_of_memory(group, 8, now=1.0)
     assert policy.row_budget(group, 1.0) == 4
     assert policy.row_budget(group, 1.0 + OOM_COOLDOWN + 1) == 9
+
+
+def test_where_batching_no_longer_pays_a_tick_still_holds_enough_rows_for_items_to_join():
+    policy = BatchPolicy(8, 0.0)
+    group = ("compute-bound", 32, 32)
+    for rows in (2, 4, 8, 16):  # nearly no fixed cost: 0.1 ms, and 20 ms a row
+        for _ in range(40):
+            policy.observe(group, rows, 0.0001 + 0.020 * rows)
+    assert policy.row_budget(group, 0.0) == MIN_SHARED_ROWS  # the paying rule alone would say 2
+    for rows in (2, 4, 8):  # rows so slow that a tick of MIN_SHARED_ROWS would hold the worker for seconds
+        for _ in range(40):
+            policy.observe(group, rows, 0.0001 + 0.300 * rows)
+    assert policy.row_budget(group, 0.0) == 3  # the tick-time bound still wins: 1 s / 0.3 s
