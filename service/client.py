@@ -93,6 +93,7 @@ def params(
     return message
 
 
+AnyRequest = pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest | pb.EditRequest | pb.CallRequest
 TypedRequest = TypeVar("TypedRequest", pb.TextToImageRequest, pb.ImageToImageRequest, pb.InpaintRequest)
 
 
@@ -257,12 +258,12 @@ class DiffusionClient:
 
     def stream(
         self,
-        request: pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest | pb.CallRequest,
+        request: AnyRequest,
         *,
         preview_every: int = 0,
         timeout: float | None = None,
     ) -> Iterator[pb.StreamResponse]:
-        """Progress events, then the result, for any of the four request kinds."""
+        """Progress events, then the result, for any of the five request kinds."""
         field = _RPCS[type(request)][1]
         wrapped = pb.StreamRequest(preview_every=preview_every)
         getattr(wrapped, field).CopyFrom(request)
@@ -270,7 +271,7 @@ class DiffusionClient:
 
     def send(
         self,
-        request: pb.TextToImageRequest | pb.ImageToImageRequest | pb.InpaintRequest | pb.CallRequest,
+        request: AnyRequest,
         *,
         timeout: float | None = None,
     ) -> Any:

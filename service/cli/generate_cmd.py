@@ -22,6 +22,17 @@ def register(commands: Any) -> None:
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--prompt-2", default="", help="prompt for SDXL's second text encoder")
     parser.add_argument("--negative-prompt-2", default="", help="negative prompt for SDXL's second text encoder")
+    parser.add_argument("--prompt-3", default="", help="prompt for SD3's T5 encoder")
+    parser.add_argument("--negative-prompt-3", default="", help="negative prompt for SD3's T5 encoder")
+    parser.add_argument("--true-cfg", type=float, help="true CFG scale (FLUX, Qwen-Image; with --negative-prompt)")
+    parser.add_argument("--max-sequence-length", type=int, help="T5 prompt length in tokens (FLUX, SD3)")
+    parser.add_argument(
+        "--edit",
+        type=Path,
+        action="append",
+        default=[],
+        help="a reference image to edit by instruction (the Edit RPC); repeat for models that take several",
+    )
     parser.add_argument(
         "--control-image",
         type=Path,
@@ -67,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mask and not args.image:
         raise CliError("--mask needs --image")
+    if args.edit and (args.image or args.strength is not None or args.control_image or args.prompt_2):
+        raise CliError("--edit takes none of --image, --mask, --strength, --control-image, --prompt-2")
     settings = params(
         seed=args.seed,
         steps=args.steps,
@@ -78,10 +91,14 @@ def run(args: argparse.Namespace) -> int:
         output_format=args.format,
         quality=args.quality,
         adapters=dict(_lora(text) for text in args.lora),
+        true_cfg_scale=args.true_cfg,
+        max_sequence_length=args.max_sequence_length,
     )
     common = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "params": settings}
     request: Any
-    if args.image is None:
+    if args.edit:
+        request = pb.EditRequest(**common, images=[pb.Image(data=_read(path)) for path in args.edit])
+    elif args.image is None:
         request = pb.TextToImageRequest(**common)
     elif args.mask is None:
         request = pb.ImageToImageRequest(**common, image=pb.Image(data=_read(args.image)))
@@ -93,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
         if args.image is None:
             raise CliError("--strength needs --image")
         request.strength = args.strength
-    request.prompt_2, request.negative_prompt_2 = args.prompt_2, args.negative_prompt_2
-    request.control_images.extend(pb.Image(data=_read(path)) for path in args.control_image)
+    if not args.edit:
+        request.prompt_2, request.negative_prompt_2 = args.prompt_2, args.negative_prompt_2
+        request.prompt_3, request.negative_prompt_3 = args.prompt_3, args.negative_prompt_3
+        request.control_images.extend(pb.Image(data=_read(path)) for path in args.control_image)
     where = connection(args)
     with DiffusionClient(where.target, credentials=where.credentials, metadata=where.metadata) as client:
         try:

@@ -233,3 +233,26 @@ def test_lumina2_serves_its_own_default_size(client, dit_store):
     expected = pipe(prompt="a red barn", num_inference_steps=2, generator=generator(4)).images[0]
     assert expected.size == (4, 4)
     same(reply.images[0], expected)
+
+
+def test_the_generate_cli_edits_by_instruction_and_sends_the_new_fields(served, tmp_path):
+    import subprocess
+
+    from helpers import cli
+
+    source = tmp_path / "in.png"
+    source.write_bytes(picture(4, side=64))
+    out = tmp_path / "edited.png"
+    target = ["--target", served[1]]
+    edited = subprocess.run(
+        cli("generate", "make it snow", *target, "--model", "tiny-pix2pix", "--edit", str(source), "--steps", "2",
+            "--seed", "1", "-o", str(out)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert edited.returncode == 0, edited.stderr
+    assert out.read_bytes().startswith(b"\x89PNG") and "64x64" in edited.stdout
+    refused = subprocess.run(
+        cli("generate", "a cat", *target, "--model", "tiny-sd", "--prompt-3", "x", "--steps", "1", "-o", str(out)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "prompt_3" in refused.stderr
