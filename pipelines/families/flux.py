@@ -26,7 +26,7 @@ def true_cfg(spec: StepInputs) -> bool:
     return spec.negative_prompt is not None and (spec.true_cfg_scale or 1.0) > 1
 
 
-def flow_schedule(pipe: Any, scheduler: Any, steps: int, image_seq_len: int, device: Any) -> Any:
+def flow_schedule(scheduler: Any, steps: int, image_seq_len: int, device: Any) -> Any:
     """`retrieve_timesteps` with the pipelines' sigmas and resolution-dependent shift, on the item's scheduler."""
     import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
@@ -100,14 +100,14 @@ class Flux:
         channels = pipe.transformer.config.in_channels // 4
         if spec.task == TEXT2IMG:
             latents, image_ids = pipe.prepare_latents(1, channels, spec.height, spec.width, dtype, device, generator)
-            timesteps = flow_schedule(pipe, scheduler, spec.num_inference_steps, latents.shape[1], device)
+            timesteps = flow_schedule(scheduler, spec.num_inference_steps, latents.shape[1], device)
             scheduler.set_begin_index(0)
         else:
             init_image = pipe.image_processor.preprocess(spec.image, height=spec.height, width=spec.width)
             init_image = init_image.to(dtype=torch.float32)
             factor = pipe.vae_scale_factor
             seq_len = (int(spec.height) // factor // 2) * (int(spec.width) // factor // 2)
-            flow_schedule(pipe, scheduler, spec.num_inference_steps, seq_len, device)
+            flow_schedule(scheduler, spec.num_inference_steps, seq_len, device)
             with scheduler_on(pipe, scheduler):
                 timesteps, _ = pipe.get_timesteps(spec.num_inference_steps, spec.strength, device)
                 first = timesteps[:1].repeat(1)
