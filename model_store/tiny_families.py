@@ -321,15 +321,16 @@ def save_tiny_lora(
     rank: int = 4,
     scale_up: float = 1.0,
 ) -> Path:
-    """Save a random LoRA for the pipeline's UNet attention projections; return the .safetensors file's path.
+    """Save a random LoRA for the attention projections of the pipeline's denoiser (its UNet, or the transformer of
+    FLUX and SD3); return the .safetensors file's path.
 
-    The file is what diffusers' own training scripts write (PEFT keys, `unet.` prefix, safetensors), written by
+    The file is what diffusers' own training scripts write (PEFT keys, `unet.`/`transformer.` prefix, safetensors), written by
     the pipeline class's `save_lora_weights`, and loads back with `pipeline.load_lora_weights(directory or
     file, adapter_name=...)`. lora_alpha equals the rank, so the scale is 1 whether or not a loader infers alpha.
 
     Each LoRA delta B @ A gets about `scale_up` times the standard deviation of the weight it modifies (PEFT's
     own init makes B zero, i.e. an inert LoRA), so weight 1.0 vs 0.0 visibly changes images. The adapter is
-    added to a copy of the UNet: the pipeline is left exactly as it was (no PEFT wrappers, no adapter config).
+    added to a copy of the denoiser: the pipeline is left exactly as it was (no PEFT wrappers, no adapter config).
     """
     import torch
     from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
@@ -337,10 +338,11 @@ def save_tiny_lora(
     from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
 
-    if getattr(pipeline, "unet", None) is None or not hasattr(pipeline, "save_lora_weights"):
-        raise TypeError(f"{type(pipeline).__name__} has no UNet LoRA support (save_lora_weights)")
+    denoiser = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"  # FLUX, SD3: the latter
+    if getattr(pipeline, denoiser, None) is None or not hasattr(pipeline, "save_lora_weights"):
+        raise TypeError(f"{type(pipeline).__name__} has no denoiser LoRA support (save_lora_weights)")
     adapter_name = "tiny-random-lora"  # Never saved: the file's keys carry no adapter name.
-    unet = copy.deepcopy(pipeline.unet)
+    unet = copy.deepcopy(getattr(pipeline, denoiser))
     torch.nn.Module.to(unet, device="cpu", dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=list(LORA_TARGET_MODULES))
     unet.add_adapter(config, adapter_name=adapter_name)
@@ -359,7 +361,8 @@ def save_tiny_lora(
             lora_b.normal_(0.0, scale_up * base_std * (lora_a.shape[1] / rank) ** 0.5)
 
     state_dict = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    type(pipeline).save_lora_weights(directory, unet_lora_layers=state_dict, safe_serialization=True)
+    layers = {f"{denoiser}_lora_layers": state_dict}
+    type(pipeline).save_lora_weights(directory, **layers, safe_serialization=True)
     return Path(directory) / LORA_WEIGHT_NAME_SAFE
 
 

@@ -5,6 +5,8 @@ visibly move the image, so a dropped one would show."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,42 @@ def test_every_input_of_the_fixtures_visibly_moves_the_image(home, name, change)
     before = np.asarray(solo(runner, "__call__", base, 0), dtype=np.int16)
     after = np.asarray(solo(runner, "__call__", StepInputs(**{**vars(base), **change}), 0), dtype=np.int16)
     assert np.abs(before - after).max() >= 4, change
+
+
+def test_flux_items_with_different_loras_share_calls_and_each_equals_its_direct_call(home, tmp_path):
+    """Per-row LoRAs on a transformer: the same PEFT hooks as the UNet's, on the pipeline's denoiser."""
+    from model_store.tiny_families import save_tiny_lora
+    from pipelines.adapters import LORA, Adapter
+
+    loaded = runners(home, "float32")
+    flux = home.get("flux").tag
+    pipe = loaded[flux].pipeline
+    files = {name: save_tiny_lora(pipe, tmp_path / name, seed=seed) for seed, name in enumerate(("red", "blue"), 1)}
+    red, blue = (Adapter(name, LORA, str(path)) for name, path in files.items())
+    work = [
+        (spec("text2img", "a red barn", 4, 3.5, loras=(red,)), 31),
+        (spec("text2img", "a red barn", 5, 3.5, loras=(dataclasses.replace(blue, weight=0.5),)), 32),
+        (spec("text2img", "a red barn", 4, 3.5), 33),  # no LoRA, in the same calls
+    ]
+    engine = engine_of(loaded)
+    items = [item(loaded, flux, "__call__", s, seed) for s, seed in work]
+    results = run_engine(engine, items)
+    direct = build_tiny_flux(seed=0)  # the same weights, LoRAs loaded the user's way
+    for name, path in files.items():
+        direct.load_lora_weights(str(path), adapter_name=name)
+    for (s, seed), queued in zip(work, items):
+        if s.loras:
+            direct.set_adapters([s.loras[0].name], [s.loras[0].weight])
+        else:
+            direct.disable_lora()
+        with torch.inference_mode():
+            expected = direct(prompt=s.prompt, num_inference_steps=s.num_inference_steps, guidance_scale=3.5,
+                              height=16, width=16, max_sequence_length=SEQ,
+                              generator=torch.Generator("cpu").manual_seed(seed)).images[0]  # fmt: skip
+        if s.loras:
+            direct.enable_lora()
+        got = np.asarray(results[id(queued)].image, dtype=np.int16)
+        assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1, s.loras
+    with_lora = np.asarray(results[id(items[0])].image, dtype=np.int16)
+    without = np.asarray(results[id(items[2])].image, dtype=np.int16)
+    assert np.abs(with_lora - without).mean() > 2  # the LoRA visibly applied
