@@ -324,9 +324,10 @@ def save_tiny_lora(
     """Save a random LoRA for the attention projections of the pipeline's denoiser (its UNet, or the transformer of
     FLUX and SD3); return the .safetensors file's path.
 
-    The file is what diffusers' own training scripts write (PEFT keys, `unet.`/`transformer.` prefix, safetensors), written by
-    the pipeline class's `save_lora_weights`, and loads back with `pipeline.load_lora_weights(directory or
-    file, adapter_name=...)`. lora_alpha equals the rank, so the scale is 1 whether or not a loader infers alpha.
+    The file is what diffusers' own training scripts write (PEFT keys, `unet.` or `transformer.` prefix,
+    safetensors), written by the pipeline class's `save_lora_weights`, and loads back with
+    `pipeline.load_lora_weights(directory or file, adapter_name=...)`. lora_alpha equals the rank, so the scale
+    is 1 whether or not a loader infers alpha.
 
     Each LoRA delta B @ A gets about `scale_up` times the standard deviation of the weight it modifies (PEFT's
     own init makes B zero, i.e. an inert LoRA), so weight 1.0 vs 0.0 visibly changes images. The adapter is
