@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 PNG, JPEG, WEBP = "image/png", "image/jpeg", "image/webp"
 _PIL_FORMATS = {PNG: "PNG", JPEG: "JPEG", WEBP: "WEBP"}
@@ -70,6 +70,8 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
             return _to_8_bit(upright).convert("RGB")
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError:  # its message quotes a Python object's repr: say what it means instead
+        raise ImageDecodeError("cannot decode image: the data is not a PNG, JPEG or WebP image") from None
     except Exception as exc:  # Pillow raises many kinds for corrupt data
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
 

@@ -172,6 +172,13 @@ class BoundedHealthServicer(health.aio.HealthServicer):
         super().__init__()
         self._watching: dict[str, int] = {}
 
+    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[override]
+        """Every service's status (grpcio-health-checking advertises List but leaves it UNIMPLEMENTED)."""
+        from grpc_health.v1 import health_pb2
+
+        statuses = {name: health_pb2.HealthCheckResponse(status=status) for name, status in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         peer = peer_address(context)
         if self._watching.get(peer, 0) >= MAX_WATCHES_PER_PEER:

@@ -119,6 +119,13 @@ def test_large_2048_input_works_end_to_end(client):
     assert (reply.images[0].image.width, reply.images[0].image.height) == (64, 64)
 
 
+def test_an_undecodable_image_is_named_without_a_python_repr(client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.image_to_image("x", b"not an image", steps=2)
+    assert "not a PNG, JPEG or WebP image" in caught.value.details()
+    assert "0x" not in caught.value.details() and "<" not in caught.value.details()
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [

@@ -415,3 +415,12 @@ def _watch_opens(stub) -> bool:
         return False
     finally:
         watch.cancel()
+
+
+def test_health_list_answers_every_service_status(store):
+    from grpc_health.v1 import health_pb2_grpc
+
+    with running_server(store) as (_, target), grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
+    assert reply.statuses[""].status == SERVING
+    assert reply.statuses["diffusion.v1.DiffusionService"].status == SERVING
