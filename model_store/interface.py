@@ -113,9 +113,11 @@ def derived_class(cls: type, task: str) -> type | None:
     Found through the mappings behind `AutoPipelineForText2Image/Image2Image/Inpainting`: the family of `cls`
     (or of its nearest diffusers base class), then that family's class for the task.
     """
+    if task not in TYPED_TASKS:
+        return None
     if call_task(cls) == task:
         return cls
-    if task not in DERIVABLE_TASKS:
+    if task not in DERIVABLE_TASKS:  # no auto pipeline derives an editor
         return None
     from diffusers.pipelines import auto_pipeline
 
