@@ -50,8 +50,9 @@ def step_key(tag: str, signature: str, pipeline_class: type, spec: StepInputs) -
     once) the adapter set group items; everything else is per item."""
     family = family_of(pipeline_class)
     group: dict[str, Hashable] = {"size": (spec.height, spec.width)}
-    if family is not None and family.split(spec) is not None:
-        group[SPLIT] = family.split(spec)
+    split = family.split(spec) if family is not None else None
+    if split is not None:
+        group[SPLIT] = split
     if len(spec.loras) > 1:
         group[LORAS] = spec.loras
     return BatchKey.build(tag, signature, {}, kind=WorkKind.STEP, group=group)

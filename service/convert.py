@@ -248,13 +248,14 @@ def progress(event: StepEvent, preview_every: int) -> pb.StreamResponse:
 def model_info(served: ServedModel) -> pb.ModelInfo:
     model = served.model
     main = served.main_signature()
+    height, width = served.default_size(main)
     return pb.ModelInfo(
         tag=model.tag,
         signatures=[signature_info(served, s) for s in model.signatures.values()],
         pipeline_class=model.info.pipeline_class,
         schedulers=list(served.defaults.compatible_schedulers),
-        default_height=served.default_size(main)[0],
-        default_width=served.default_size(main)[1],
+        default_height=height,
+        default_width=width,
         labels=dict(model.info.labels),
         default_scheduler=served.defaults.scheduler,
         dtype=served.dtype,

@@ -184,6 +184,39 @@ def scheduler_step(track: Track, prediction: Any) -> Any:
     return track.scheduler.step(prediction, track.timestep, track.latents, **kwargs, return_dict=False)[0]
 
 
+def guidance_rows(
+    cfg: bool, cond: Any, uncond: Any, pooled: Any = None, uncond_pooled: Any = None, pooled_name: str = ""
+) -> list[Conditioning]:
+    """Each item's rows from one batched `encode_prompt`: [unconditional, conditional] with classifier-free
+    guidance, else the conditional one; the pooled text (SDXL, SD3) as the added input `pooled_name`."""
+    import torch
+
+    def rows(conditional: Any, unconditional: Any, i: int) -> Any:
+        one = conditional[i : i + 1]
+        return torch.cat([unconditional[i : i + 1], one]) if cfg else one
+
+    return [
+        Conditioning(rows(cond, uncond, i), {pooled_name: rows(pooled, uncond_pooled, i)} if pooled is not None else {})
+        for i in range(cond.shape[0])
+    ]
+
+
+def resolution_shift(config: Any, image_seq_len: int, max_shift: float) -> float:
+    """The flow-matching pipelines' `calculate_shift` (`mu`) for an image of `image_seq_len` tokens, from the
+    scheduler's config with the pipeline's own fallbacks (`max_shift`: FLUX 1.15, SD3 1.16)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return float(
+        calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", max_shift),
+        )
+    )
+
+
 def one_per_item(specs: Sequence[StepInputs], key: Any) -> dict[Hashable, list[int]]:
     """Group item indices by `key(spec)`."""
     groups: dict[Hashable, list[int]] = {}

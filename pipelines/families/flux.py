@@ -15,7 +15,7 @@ from typing import Any
 
 from model_store.interface import IMG2IMG, TEXT2IMG
 
-from .base import Conditioning, Start, StepInputs, Track, one_per_item, scheduler_on
+from .base import Conditioning, Start, StepInputs, Track, one_per_item, resolution_shift, scheduler_on
 
 FLUX_CLASSES = {"FluxPipeline": TEXT2IMG, "FluxImg2ImgPipeline": IMG2IMG}
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s
@@ -29,19 +29,12 @@ def true_cfg(spec: StepInputs) -> bool:
 def flow_schedule(scheduler: Any, steps: int, image_seq_len: int, device: Any) -> Any:
     """`retrieve_timesteps` with the pipelines' sigmas and resolution-dependent shift, on the item's scheduler."""
     import numpy as np
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
     sigmas: Any = np.linspace(1.0, 1 / steps, steps)
     if getattr(scheduler.config, "use_flow_sigmas", False):
         sigmas = None
-    config = scheduler.config
-    mu = calculate_shift(
-        image_seq_len,
-        config.get("base_image_seq_len", 256),
-        config.get("max_image_seq_len", 4096),
-        config.get("base_shift", 0.5),
-        config.get("max_shift", 1.15),
-    )
+    mu = resolution_shift(scheduler.config, image_seq_len, max_shift=1.15)
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
     return timesteps
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from model_store.interface import IMG2IMG, INPAINT, TEXT2IMG
 
-from .base import Conditioning, Start, StepInputs, Track, one_per_item, scheduler_on, scheduler_step
+from .base import Conditioning, Start, StepInputs, Track, guidance_rows, one_per_item, scheduler_on, scheduler_step
 
 SD_CLASSES = {
     "StableDiffusionPipeline": TEXT2IMG,
@@ -58,15 +58,11 @@ class StableDiffusion:
 
     def encode(self, base: Any, specs: Sequence[StepInputs], device: Any) -> list[Conditioning]:
         """Prompt embeddings, [unconditional, conditional] with CFG."""
-        import torch
-
         cfg = specs[0].cfg
         # SD treats an absent negative prompt as the empty text: one list serves everyone.
         negatives = [spec.negative_prompt or "" for spec in specs] if cfg else None
         cond, uncond = base.encode_prompt([spec.prompt for spec in specs], device, 1, cfg, negatives)
-        if not cfg:
-            return [Conditioning(cond[i : i + 1]) for i in range(len(specs))]
-        return [Conditioning(torch.cat([uncond[i : i + 1], cond[i : i + 1]])) for i in range(len(specs))]
+        return guidance_rows(cfg, cond, uncond)
 
     def start(
         self, pipe: Any, spec: StepInputs, scheduler: Any, generator: Any, device: Any, conditioning: Conditioning
@@ -214,8 +210,6 @@ class StableDiffusionXL(StableDiffusion):
         )
 
     def encode(self, base: Any, specs: Sequence[StepInputs], device: Any) -> list[Conditioning]:
-        import torch
-
         first = specs[0]
         cfg = first.cfg
 
@@ -231,15 +225,7 @@ class StableDiffusionXL(StableDiffusion):
             negative_prompt=texts("negative_prompt") if cfg else None,
             negative_prompt_2=texts("negative_prompt_2") if cfg else None,
         )
-        result = []
-        for i in range(len(specs)):
-            if cfg:
-                embeds = torch.cat([uncond[i : i + 1], cond[i : i + 1]])
-                text = torch.cat([uncond_pooled[i : i + 1], pooled[i : i + 1]])
-            else:
-                embeds, text = cond[i : i + 1], pooled[i : i + 1]
-            result.append(Conditioning(embeds, {"text_embeds": text}))
-        return result
+        return guidance_rows(cfg, cond, uncond, pooled, uncond_pooled, "text_embeds")
 
     def _img2img_latents(self, pipe: Any, image: Any, first: Any, dtype: Any, device: Any, generator: Any) -> Any:
         return pipe.prepare_latents(image, first, 1, 1, dtype, device, generator, True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from model_store.interface import IMG2IMG, TEXT2IMG
 
-from .base import Conditioning, Start, StepInputs, Track, one_per_item, scheduler_on
+from .base import Conditioning, Start, StepInputs, Track, guidance_rows, one_per_item, resolution_shift, scheduler_on
 
 SD3_CLASSES = {"StableDiffusion3Pipeline": TEXT2IMG, "StableDiffusion3Img2ImgPipeline": IMG2IMG}
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s
@@ -38,8 +38,6 @@ class StableDiffusion3:
 
     def encode(self, base: Any, specs: Sequence[StepInputs], device: Any) -> list[Conditioning]:
         """One `encode_prompt` call; every absent text falls back per item as the pipeline's `or` chain does."""
-        import torch
-
         cfg = specs[0].cfg
         negatives = [spec.negative_prompt or "" for spec in specs]
         cond, uncond, pooled, uncond_pooled = base.encode_prompt(
@@ -54,38 +52,20 @@ class StableDiffusion3:
             num_images_per_prompt=1,
             max_sequence_length=self.split(specs[0]),
         )
-        result = []
-        for i in range(len(specs)):
-            if cfg:
-                embeds = torch.cat([uncond[i : i + 1], cond[i : i + 1]])
-                text = torch.cat([uncond_pooled[i : i + 1], pooled[i : i + 1]])
-            else:
-                embeds, text = cond[i : i + 1], pooled[i : i + 1]
-            result.append(Conditioning(embeds, {"pooled_projections": text}))
-        return result
+        return guidance_rows(cfg, cond, uncond, pooled, uncond_pooled, "pooled_projections")
 
     def start(
         self, pipe: Any, spec: StepInputs, scheduler: Any, generator: Any, device: Any, conditioning: Conditioning
     ) -> Start:
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-            calculate_shift,
-            retrieve_timesteps,
-        )
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 
         dtype = conditioning.embeds.dtype
         patch = pipe.transformer.config.patch_size
         factor = pipe.vae_scale_factor
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if scheduler.config.get("use_dynamic_shifting", None):
-            config = scheduler.config
             seq_len = (int(spec.height) // factor // patch) * (int(spec.width) // factor // patch)
-            kwargs["mu"] = calculate_shift(
-                seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = resolution_shift(scheduler.config, seq_len, max_shift=1.16)
         timesteps, _ = retrieve_timesteps(scheduler, spec.num_inference_steps, device, sigmas=None, **kwargs)
         with scheduler_on(pipe, scheduler):
             if spec.task == TEXT2IMG:
