@@ -120,8 +120,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: An
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + _TRANSFORMER_SEED)
         transformer: Any = FluxTransformer2DModel(
             patch_size=1,
@@ -149,8 +148,6 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: An
             tokenizer_2=build_t5_tokenizer(),
             transformer=transformer,
         )
-    finally:
-        torch.random.set_rng_state(state)
     return finish_pipeline(pipe, torch_dtype)
 
 
@@ -159,8 +156,7 @@ def build_tiny_sd3(seed: int = 0, torch_dtype: Any = None) -> Any:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + _TRANSFORMER_SEED)
         transformer: Any = SD3Transformer2DModel(
             sample_size=32,
@@ -188,8 +184,6 @@ def build_tiny_sd3(seed: int = 0, torch_dtype: Any = None) -> Any:
             tokenizer_3=build_t5_tokenizer(),
             transformer=transformer,
         )
-    finally:
-        torch.random.set_rng_state(state)
     return finish_pipeline(pipe, torch_dtype)
 
 

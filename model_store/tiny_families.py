@@ -272,19 +272,25 @@ def build_tiny_sdxl_controlnet(
 
 def build_tiny_sd_inpainting(seed: int = 0, torch_dtype: torch.dtype | None = None) -> StableDiffusionInpaintPipeline:
     """The demo SD pipeline with a true inpainting UNet: 9 input channels (latents 4 + mask 1 + masked image 4)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import StableDiffusionInpaintPipeline
+
+    return _demo_with_unet(StableDiffusionInpaintPipeline, 9, seed, _INPAINT_UNET_SEED, torch_dtype)  # type: ignore[no-any-return]
+
+
+def _demo_with_unet(pipeline_class: Any, in_channels: int, seed: int, unet_seed: int, torch_dtype: Any) -> Any:
+    """The demo SD pipeline's parts around a UNet of its shape with more input channels (inpainting, editing),
+    its conditioning amplified and the VAE's posterior sharpened as the other variants'."""
     import torch
     from diffusers import UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import StableDiffusionInpaintPipeline
 
     base: Any = build_tiny_pipeline(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + _INPAINT_UNET_SEED)
-        unet = UNet2DConditionModel(**{**_demo_unet_kwargs(), "in_channels": 9})
+        torch.manual_seed(seed + unet_seed)
+        unet = UNet2DConditionModel(**{**_demo_unet_kwargs(), "in_channels": in_channels})
     _amplify_conditioning(unet)
     _sharpen_vae_posterior(base.vae)
     components: dict[str, Any] = {**base.components, "unet": unet}
-    pipe = StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
-    return finish_pipeline(pipe, torch_dtype)
+    return finish_pipeline(pipeline_class(**components, requires_safety_checker=False), torch_dtype)
 
 
 def build_tiny_ddpm(seed: int = 0, torch_dtype: torch.dtype | None = None) -> DDPMPipeline:
@@ -446,15 +452,6 @@ _PIX2PIX_UNET_SEED = 10
 
 def build_tiny_instruct_pix2pix(seed: int = 0, torch_dtype: torch.dtype | None = None) -> Any:
     """The demo SD pipeline as an InstructPix2Pix editor: a UNet of 8 input channels (latents + the image's)."""
-    import torch
-    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    base: Any = build_tiny_pipeline(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + _PIX2PIX_UNET_SEED)
-        unet = UNet2DConditionModel(**{**_demo_unet_kwargs(), "in_channels": 8})
-    _amplify_conditioning(unet)
-    _sharpen_vae_posterior(base.vae)
-    components: dict[str, Any] = {**base.components, "unet": unet}
-    pipe = StableDiffusionInstructPix2PixPipeline(**components, requires_safety_checker=False)
-    return finish_pipeline(pipe, torch_dtype)
+    return _demo_with_unet(StableDiffusionInstructPix2PixPipeline, 8, seed, _PIX2PIX_UNET_SEED, torch_dtype)

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_step_engine import engine_of, run_engine, runners  # the same engine harness as SD's
 
 from batching import WorkItem
 from model_store import ModelStore
 from model_store.tiny_dit import build_tiny_flux, build_tiny_sd3
-from pipelines.adapters import ReplicaAdapters
-from pipelines.device import Device
 from pipelines.families import StepInputs, family_of
-from pipelines.step_engine import STEP_INPUT, StepEngine, step_key
+from pipelines.step_engine import STEP_INPUT, step_key
 
 SIGNATURES = {"__call__": {"batchable": True}, "img2img": {"batchable": True}}
 SEQ = 16  # max_sequence_length: short prompts pad to it; items with another length get a set of their own
@@ -35,14 +34,6 @@ def home(tmp_path_factory):
     models.save_model("schnell", build_tiny_flux(seed=1, guidance_embeds=False), signatures=SIGNATURES)
     models.save_model("sd3", build_tiny_sd3(seed=0), signatures=SIGNATURES)
     return models
-
-
-def runners(home: ModelStore, dtype: str) -> dict:
-    return {m.tag: m.with_options(torch_dtype=dtype).to_runner("cpu") for m in home.list_models()}
-
-
-def engine_of(loaded: dict) -> StepEngine:
-    return StepEngine(loaded, Device("cpu"), {tag: ReplicaAdapters(r.pipeline) for tag, r in loaded.items()})
 
 
 def item(loaded: dict, tag: str, signature: str, spec: StepInputs, seed: int) -> WorkItem:
@@ -119,21 +110,6 @@ def mixed_work(home: ModelStore) -> list[tuple[str, str, StepInputs, int]]:
         (sd3, "__call__", spec("text2img", "a road", 6, 4.5, negative_prompt="night", prompt_2="at noon"), 22),
         (sd3, "img2img", spec("img2img", "a forest", 6, 5.0, strength=0.7, image=image, negative_prompt_3="snow"), 23),
     ]
-
-
-def run_engine(engine: StepEngine, items: list[WorkItem]) -> dict[int, object]:
-    """Half the items join first; the rest join two ticks later, in the middle of the others' denoising."""
-    results: dict[int, object] = {}
-    engine.join(items[: len(items) // 2])
-    ticks = 0
-    while engine.busy:
-        if ticks == 2:
-            engine.join(items[len(items) // 2 :])
-        tick = engine.tick()
-        ticks += 1
-        assert not tick.failed, tick.failed
-        results.update({id(done): output for done, output in tick.finished})
-    return results
 
 
 def run_mixed(home: ModelStore, dtype: str) -> tuple[dict, list, list[WorkItem], dict]:
