@@ -174,6 +174,7 @@ def test_every_input_of_the_fixtures_visibly_moves_the_image(home, name, change)
     assert np.abs(before - after).max() >= 4, change
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # the direct call's second LoRA
 def test_flux_items_with_different_loras_share_calls_and_each_equals_its_direct_call(home, tmp_path):
     """Per-row LoRAs on a transformer: the same PEFT hooks as the UNet's, on the pipeline's denoiser."""
     from model_store.tiny_families import save_tiny_lora
