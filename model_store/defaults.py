@@ -12,6 +12,9 @@ from typing import Any
 DENOISERS = ("unet", "transformer", "prior")
 # A latent size for denoisers whose config has none (Flux): diffusers' pipelines default to 128 latents (1024 px).
 FALLBACK_LATENT_SIZE = {"unet": 64, "transformer": 128, "prior": 64}
+# Pipelines whose `__call__` body fixes the size a call without one gets (`height = height or 1024`), whatever
+# their components' configs say; those that say it in the signature (AuraFlow, Sana) are read from it.
+FIXED_DEFAULT_SIZE = {"ZImagePipeline": 1024}
 _CONTROLNET_FOLDER = re.compile(r"controlnet(_\d+)?")
 
 
@@ -38,15 +41,17 @@ def read_pipeline_defaults(folder: Path, scheduler: str | None = None) -> Pipeli
     index = config(".", "model_index.json")
     denoiser_name = next((name for name in DENOISERS if name in index), "unet")
     denoiser, vae = config(denoiser_name), config("vae")
-    # The VAE halves the size once per block after the first (f8 for Stable Diffusion); pixel-space models have none.
-    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae.get("block_out_channels") else 1
     sample = denoiser.get("sample_size") or FALLBACK_LATENT_SIZE[denoiser_name]
     height, width = (sample, sample) if isinstance(sample, int) else tuple(sample)[:2]
+    height, width = int(height) * _vae_scale(vae), int(width) * _vae_scale(vae)
+    fixed = FIXED_DEFAULT_SIZE.get(str(index.get("_class_name")))
+    if fixed:
+        height = width = fixed
     scheduler_config = config("scheduler", "scheduler_config.json")
     scheduler = scheduler or str(scheduler_config.get("_class_name", ""))
     return PipelineDefaults(
-        int(height) * scale,
-        int(width) * scale,
+        height,
+        width,
         scheduler,
         compatible_schedulers(scheduler, scheduler_config or None),
         control_inputs=_control_inputs(folder, index),
@@ -56,6 +61,15 @@ def read_pipeline_defaults(folder: Path, scheduler: str | None = None) -> Pipeli
             if isinstance(entry, list)
         ),
     )
+
+
+def _vae_scale(vae: dict[str, Any]) -> int:
+    """What the VAE divides a side by: once per block after the first (f8 for Stable Diffusion), or once per
+    entry of `temperal_downsample` (Qwen-Image's and Wan's, as their pipelines compute it); pixel-space models
+    have no VAE."""
+    if vae.get("temperal_downsample"):
+        return int(2 ** len(vae["temperal_downsample"]))
+    return int(2 ** (len(vae["block_out_channels"]) - 1)) if vae.get("block_out_channels") else 1
 
 
 def _control_inputs(folder: Path, index: dict[str, Any]) -> int:

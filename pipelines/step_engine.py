@@ -34,7 +34,7 @@ from batching.executor import is_out_of_memory
 
 from .adapters import ReplicaAdapters
 from .device import Device
-from .families import Conditioning, StepFamily, StepInputs, Track, family_of
+from .families import Conditioning, StepFamily, StepInputs, Track, family_of, join_rows
 
 log = logging.getLogger(__name__)
 STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
@@ -180,11 +180,9 @@ class StepEngine:
 
     def _denoise(self, tracks: Sequence[Track]) -> Any:
         """ONE denoiser call over every row of the set, each item's rows as its family builds them."""
-        import torch
-
         family = tracks[0].family
         rows = [family.row_inputs(track) for track in tracks]
-        inputs = {name: torch.cat([item_rows[name] for item_rows in rows]) for name in rows[0]}
+        inputs = {name: join_rows([item_rows[name] for item_rows in rows]) for name in rows[0]}
         adapters = self._models[tracks[0].item.key.model].adapters
         several = tracks[0].spec.loras if len(tracks[0].spec.loras) > 1 else ()
         if several:  # everyone in this set uses the same several LoRAs: set them on the denoiser

@@ -8,12 +8,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import Conditioning, Start, StepFamily, StepInputs, Track, scheduler_on, step_kwargs
+from .base import Conditioning, Start, StepFamily, StepInputs, Track, join_rows, scheduler_on, step_kwargs
 from .flux import Flux
+from .qwen_image import QwenImage
 from .sd import StableDiffusion, StableDiffusionXL
 from .sd3 import StableDiffusion3
+from .z_image import ZImage
 
-FAMILIES: tuple[StepFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
+FAMILIES: tuple[StepFamily, ...] = (
+    StableDiffusion(),
+    StableDiffusionXL(),
+    StableDiffusion3(),
+    Flux(),
+    QwenImage(),
+    ZImage(),
+)
 
 __all__ = [
     "FAMILIES",
@@ -24,6 +33,7 @@ __all__ = [
     "StepInputs",
     "Track",
     "family_of",
+    "join_rows",
     "scheduler_on",
     "step_capable",
     "step_kwargs",

@@ -134,7 +134,8 @@ class StepFamily(Protocol):
         """The item's schedule, starting latents and state, as the task's pipeline makes them with `scheduler`."""
 
     def row_inputs(self, track: Track) -> dict[str, Any]:
-        """The item's rows of each batched denoiser input at its current step, to be concatenated along dim 0."""
+        """The item's rows of each batched denoiser input at its current step: a tensor to concatenate along
+        dim 0, or a list of rows to join (`join_rows`)."""
 
     def denoise(self, pipe: Any, inputs: Mapping[str, Any], first: Track) -> Any:
         """ONE denoiser call over the concatenated rows (`first` gives what the rows share: ids, shapes)."""
@@ -217,8 +218,18 @@ def resolution_shift(config: Any, image_seq_len: int, max_shift: float) -> float
     )
 
 
-def one_per_item(specs: Sequence[StepInputs], key: Any) -> dict[Hashable, list[int]]:
-    """Group item indices by `key(spec)`."""
+def join_rows(parts: Sequence[Any]) -> Any:
+    """One denoiser input from every item's rows: tensors concatenate along dim 0; lists (rows whose lengths
+    differ, such as Qwen-Image's and Z-Image's text) are joined, for the family's `denoise` to pad or pass on."""
+    import torch
+
+    if isinstance(parts[0], list):
+        return [row for part in parts for row in part]
+    return torch.cat(list(parts))
+
+
+def one_per_item(specs: Sequence[Any], key: Any) -> dict[Hashable, list[int]]:
+    """Group the indices of items (or texts) by `key(spec)`."""
     groups: dict[Hashable, list[int]] = {}
     for index, spec in enumerate(specs):
         groups.setdefault(key(spec), []).append(index)
