@@ -81,7 +81,8 @@ def _clip(tokenizer: Any, seed: int, projection: bool) -> Any:
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _vae(seed: int, latent_channels: int) -> Any:
+def _vae(seed: int, latent_channels: int, blocks: int = 1) -> Any:
+    """diffusers' test VAE: one block (no downsampling), or `blocks` of them (8x for 4)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -90,7 +91,9 @@ def _vae(seed: int, latent_channels: int) -> Any:
         sample_size=32,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(4,),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(4,) * blocks,
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=1,
@@ -148,6 +151,20 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: An
             tokenizer_2=build_t5_tokenizer(),
             transformer=transformer,
         )
+    return finish_pipeline(pipe, torch_dtype)
+
+
+def build_tiny_flux_kontext(seed: int = 0, torch_dtype: Any = None) -> Any:
+    """FLUX.1 Kontext [dev]: FLUX's transformer and encoders, with a 16x VAE. Kontext renders at about 1 MP
+    (`max_area`) and resizes the reference to a preferred ~1 MP size whatever the request's size, so the test
+    recipe's 1x VAE would make 262144 image tokens; 16x makes 1024 for each (a real 8x checkpoint, 4096)."""
+    import torch
+    from diffusers import FluxKontextPipeline
+
+    flux = build_tiny_flux(seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        vae = _vae(seed + _VAE_SEED, latent_channels=1, blocks=5)
+    pipe = FluxKontextPipeline(**{**flux.components, "vae": vae})
     return finish_pipeline(pipe, torch_dtype)
 
 

@@ -206,6 +206,8 @@ class Generation:
             negative_prompt_3=self.negative_prompt_3,
             true_cfg_scale=self.true_cfg_scale,
             max_sequence_length=self.max_sequence_length,
+            references=self.references,
+            size_given=self.size_given,
         )
 
     def describe(self, seed: int, size: tuple[int, int] | None = None) -> Mapping[str, str]:

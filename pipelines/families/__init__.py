@@ -10,6 +10,7 @@ from typing import Any
 
 from .base import Conditioning, Start, StepFamily, StepInputs, Track, join_rows, scheduler_on, step_kwargs
 from .flux import Flux
+from .flux_kontext import FluxKontext
 from .qwen_image import QwenImage
 from .sd import StableDiffusion, StableDiffusionXL
 from .sd3 import StableDiffusion3
@@ -20,6 +21,7 @@ FAMILIES: tuple[StepFamily, ...] = (
     StableDiffusionXL(),
     StableDiffusion3(),
     Flux(),
+    FluxKontext(),
     QwenImage(),
     ZImage(),
 )

@@ -51,6 +51,8 @@ class StepInputs:
     negative_prompt_3: str | None = None
     true_cfg_scale: float | None = None  # FLUX and Qwen-Image: a second, unconditional denoiser pass
     max_sequence_length: int | None = None  # the T5 prompt length; None: the pipeline's default
+    references: tuple[Any, ...] = ()  # edit: the reference images (PIL RGB, their own sizes), in order
+    size_given: bool = True  # False: the client left the size to the pipeline (edit: not the reference's)
 
     @property
     def cfg(self) -> bool:

@@ -26,13 +26,20 @@ def true_cfg(spec: StepInputs) -> bool:
     return spec.negative_prompt is not None and (spec.true_cfg_scale or 1.0) > 1
 
 
-def flow_schedule(scheduler: Any, steps: int, image_seq_len: int, device: Any) -> Any:
-    """`retrieve_timesteps` with the pipelines' sigmas and resolution-dependent shift, on the item's scheduler."""
+def text_length(spec: StepInputs) -> int:
+    """The T5 prompt length: the request's `max_sequence_length`, else the pipelines' default."""
+    return spec.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+
+
+def flow_schedule(scheduler: Any, steps: int, image_seq_len: int, device: Any, flow_sigmas: bool = True) -> Any:
+    """`retrieve_timesteps` with the pipelines' sigmas and resolution-dependent shift, on the item's scheduler
+    (`flow_sigmas`: the pipeline defers to a scheduler's `use_flow_sigmas`, as FluxPipeline does; its image-to-image
+    and Kontext pipelines do not)."""
     import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
     sigmas: Any = np.linspace(1.0, 1 / steps, steps)
-    if getattr(scheduler.config, "use_flow_sigmas", False):
+    if flow_sigmas and getattr(scheduler.config, "use_flow_sigmas", False):
         sigmas = None
     mu = resolution_shift(scheduler.config, image_seq_len, max_shift=1.15)
     timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
@@ -53,7 +60,7 @@ class Flux:
         return 2 if true_cfg(spec) else 1
 
     def split(self, spec: StepInputs) -> Hashable:
-        return spec.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH  # T5 pads every prompt to this length
+        return text_length(spec)  # T5 pads every prompt to this length
 
     def encode_groups(self, specs: Sequence[StepInputs]) -> Mapping[Hashable, list[int]]:
         return one_per_item(specs, self.split)
@@ -72,7 +79,7 @@ class Flux:
             prompt_2=prompts_2,
             device=device,
             num_images_per_prompt=1,
-            max_sequence_length=self.split(specs[0]),
+            max_sequence_length=text_length(specs[0]),
         )
         result, negative = [], len(specs)
         for i, spec in enumerate(specs):
@@ -100,7 +107,7 @@ class Flux:
             init_image = init_image.to(dtype=torch.float32)
             factor = pipe.vae_scale_factor
             seq_len = (int(spec.height) // factor // 2) * (int(spec.width) // factor // 2)
-            flow_schedule(scheduler, spec.num_inference_steps, seq_len, device)
+            flow_schedule(scheduler, spec.num_inference_steps, seq_len, device, flow_sigmas=False)
             with scheduler_on(pipe, scheduler):
                 timesteps, _ = pipe.get_timesteps(spec.num_inference_steps, spec.strength, device)
                 first = timesteps[:1].repeat(1)
@@ -145,8 +152,8 @@ class Flux:
     def decode(self, base: Any, tracks: Sequence[Track], device: Any) -> tuple[list[Any], list[bool]]:
         import torch
 
-        spec = tracks[0].spec  # a set shares its size
-        latents = unpack(torch.cat([t.latents for t in tracks]), spec.height, spec.width, base.vae_scale_factor)
+        height, width = tracks[0].state.get("size", (tracks[0].spec.height, tracks[0].spec.width))  # a set's
+        latents = unpack(torch.cat([t.latents for t in tracks]), height, width, base.vae_scale_factor)
         vae = base.vae
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
         image = vae.decode(latents, return_dict=False)[0]
