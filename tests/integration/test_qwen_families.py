@@ -4,8 +4,11 @@ tasks and joins in the middle of a run; and each fixture input visibly moves the
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 from test_dit_families import item, levels_from_solo, picture, solo
 from test_step_engine import engine_of, run_engine, runners
 
@@ -113,3 +116,49 @@ def test_every_input_of_the_fixtures_visibly_moves_the_image(home, name, change)
     before = np.asarray(solo(runner, "__call__", base, 0), dtype=np.int16)
     after = np.asarray(solo(runner, "__call__", StepInputs(**{**vars(base), **change}), 0), dtype=np.int16)
     assert np.abs(before - after).max() >= 4, change
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # the direct call's second LoRA
+@pytest.mark.parametrize(("name", "builder", "guidance"), [("qwen", build_tiny_qwen_image, 1.0),
+                                                           ("zimage", build_tiny_z_image, 3.0)])  # fmt: skip
+def test_items_with_different_loras_share_calls_and_each_equals_its_direct_call(
+    home, tmp_path, name, builder, guidance
+):
+    """Per-row LoRAs on these transformers: the same PEFT hooks as the UNet's, rows of any text length."""
+    from model_store.tiny_families import save_tiny_lora
+    from pipelines.adapters import LORA, Adapter
+
+    loaded = runners(home, "float32")
+    tag = home.get(name).tag
+    files = {
+        lora: save_tiny_lora(loaded[tag].pipeline, tmp_path / lora, seed=seed, scale_up=4.0)
+        for seed, lora in enumerate(("red", "blue"), 1)
+    }
+    red, blue = (Adapter(lora, LORA, str(path)) for lora, path in files.items())
+    half_blue = dataclasses.replace(blue, weight=0.5)
+    work = [
+        (spec("text2img", "a red barn", 4, guidance, loras=(red,)), 31),
+        (spec("text2img", "a red barn in the snow at night", 5, guidance, loras=(half_blue,)), 32),
+        (spec("text2img", "a red barn", 4, guidance), 33),  # no LoRA, in the same calls
+    ]
+    items = [item(loaded, tag, "__call__", s, seed) for s, seed in work]
+    results = run_engine(engine_of(loaded), items)
+    direct = builder(seed=0)  # the same weights, LoRAs loaded the user's way
+    for lora, path in files.items():
+        direct.load_lora_weights(str(path), adapter_name=lora)
+    for s, seed in work:
+        if s.loras:
+            direct.set_adapters([s.loras[0].name], [s.loras[0].weight])
+        else:
+            direct.disable_lora()
+        with torch.inference_mode():
+            expected = direct(prompt=s.prompt, num_inference_steps=s.num_inference_steps, guidance_scale=guidance,
+                              height=SIZE, width=SIZE, max_sequence_length=64,
+                              generator=torch.Generator("cpu").manual_seed(seed)).images[0]  # fmt: skip
+        if s.loras:
+            direct.enable_lora()
+        got = np.asarray(results[id(items[work.index((s, seed))])].image, dtype=np.int16)
+        assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1, s.loras
+    with_lora = np.asarray(results[id(items[0])].image, dtype=np.int16)
+    without = np.asarray(results[id(items[2])].image, dtype=np.int16)
+    assert np.abs(with_lora - without).max() >= 4  # the LoRA visibly applied
