@@ -37,7 +37,11 @@ def call_job(request: CallRequest, registry: ModelRegistry, limits: Limits) -> C
     signatures = served.model.signatures
     if request.signature not in signatures:
         names = ", ".join(sorted(signatures))
-        raise Unimplemented(f"model {served.tag} has no signature {shown(request.signature)}; its signatures: {names}")
+        raise Unimplemented(
+            f"model {served.tag} has no signature {shown(request.signature)}; its signatures: {names}",
+            metadata={"model": served.tag, "signature": request.signature},
+            reason="SIGNATURE_NOT_FOUND",
+        )
     signature = signatures[request.signature]
     parameters = served.parameters.get(signature.name)
     bad = Violations()

@@ -116,7 +116,10 @@ class ServedModel:
                 return signature
         names = ", ".join(f"{s.name} ({s.task})" for s in signatures.values())
         rpc = _RPC_OF_TASK.get(task, task)
-        raise Unimplemented(f"model {self.tag} serves no {task} signature for {rpc}; its signatures: {names}")
+        raise Unimplemented(
+            f"model {self.tag} serves no {task} signature for {rpc}; its signatures: {names}",
+            metadata={"model": self.tag, "task": task},
+        )
 
     def takes(self, signature: str) -> Callable[[str], bool]:
         """`takes(name)`: whether the signature's method accepts that argument (custom code forwarding
@@ -289,4 +292,4 @@ class ModelRegistry:
             ):
                 return served
         served_tags = ", ".join(m.tag for m in self.models)
-        raise NotFound(f"model {shown(tag)} is not served here; served: {served_tags}")
+        raise NotFound(f"model {shown(tag)} is not served here; served: {served_tags}", metadata={"model": tag})

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health
 
 from .config import ServerConfig
+from .errors import Refused, ServiceError, Unauthenticated, status_for
 
 # Methods any caller may use: health probes and reflection. Never authenticated, never counted as requests.
 log = logging.getLogger(__name__)
@@ -109,15 +110,25 @@ _UNAUTHENTICATED = "missing or wrong bearer token in 'authorization'"
 _LIMITED = "too many failed authentications from this address; try again later"
 
 
+async def refuse(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    """End the call with `error`'s status and details (ErrorInfo, RetryInfo), as the servicer reports its own."""
+    status = status_for(error)
+    await context.abort(status.code, status.details, tuple(status.trailing_metadata))
+
+
+def _limited() -> ServiceError:
+    return Refused(_LIMITED, reason="AUTH_RATE_LIMITED")
+
+
 def _refusal(handler: grpc.RpcMethodHandler | None, limiter: FailedAuthLimiter) -> grpc.RpcMethodHandler:
     """A handler that refuses without reading the request: request streaming, so nothing is deserialized."""
 
     async def deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         peer = peer_address(context)
         if limiter.limited(peer):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _LIMITED)
+            await refuse(context, _limited())
         limiter.failed(peer)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        await refuse(context, Unauthenticated(_UNAUTHENTICATED))
 
     async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await deny(requests, context)
@@ -135,7 +146,7 @@ def _guarded(handler: grpc.RpcMethodHandler, limiter: FailedAuthLimiter) -> grpc
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         if limiter.limited(peer_address(context)):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _LIMITED)
+            await refuse(context, _limited())
 
     if handler.unary_unary is not None:
         inner = handler.unary_unary
@@ -182,9 +193,8 @@ class BoundedHealthServicer(health.aio.HealthServicer):
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         peer = peer_address(context)
         if self._watching.get(peer, 0) >= MAX_WATCHES_PER_PEER:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHES_PER_PEER} health watches per address"
-            )
+            limit = f"at most {MAX_WATCHES_PER_PEER} health watches per address"
+            await refuse(context, Refused(limit, reason="TOO_MANY_WATCHES"))
         self._watching[peer] = self._watching.get(peer, 0) + 1
         try:
             await super().Watch(request, context)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model_store.interface import EDIT, IMG2IMG, INPAINT
+from model_store.interface import EDIT, IMG2IMG, INPAINT, TEXT2IMG
 from model_store.tags import shown
 from pipelines.adapters import LORA, Adapter
 
@@ -121,6 +121,10 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
     fields.update(_text_guidance(request.params, served, signature.name, bad))
     fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
     fields.update(_control(request, served, limits, fields, bad))
+    if request.task in (TEXT2IMG, EDIT) and not request.prompt.strip() and served.takes(signature.name)("prompt"):
+        # Without a prompt the pipeline would silently make an unconditional image, at the client's cost.
+        what = "the image to make" if request.task == TEXT2IMG else "the change to make"
+        bad.add("prompt", f"is required: describe {what}")
     for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"):
         limits.check_text(getattr(request, name), name, bad)
     images, steps = fields["num_images"], fields["num_inference_steps"]

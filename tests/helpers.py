@@ -103,6 +103,31 @@ def bad_request_fields(error: grpc.RpcError) -> list[str]:
     return fields
 
 
+def error_details(error: grpc.RpcError) -> tuple[Any, Any]:
+    """The google.rpc.ErrorInfo and RetryInfo (None where absent) of an error's rich status."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    info = retry = None
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+    return info, retry
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    """ErrorInfo's reason, after checking its domain: every error status carries one."""
+    info, _ = error_details(error)
+    assert info is not None, f"{error.code()} carries no ErrorInfo"
+    assert info.domain == "diffusion.v1"
+    return str(info.reason)
+
+
 def decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.int16)

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import bad_request_fields, decode, health_status, wait_for
+from helpers import bad_request_fields, decode, error_details, health_status, wait_for
 from inprocess import running_server
 from test_api_tasks import gradient, half_mask
 
@@ -82,6 +82,9 @@ def test_call_of_an_undeclared_signature_is_unimplemented_listing_the_signatures
         client.call("enable_vae_tiling")
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "__call__" in caught.value.details() and "img2img" in caught.value.details()
+    info, retry = error_details(caught.value)
+    assert (info.reason, info.domain, retry) == ("SIGNATURE_NOT_FOUND", "diffusion.v1", None)
+    assert dict(info.metadata) == {"model": client.get_model("").model.tag, "signature": "enable_vae_tiling"}
 
 
 def test_custom_pipeline_serves_the_typed_rpcs(client, custom_tag):

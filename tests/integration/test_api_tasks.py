@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import bad_request_fields, decode, health_status
+from helpers import bad_request_fields, decode, error_details, health_status, reason_of
 from inprocess import running_server
 from PIL import Image
 
@@ -168,10 +168,29 @@ def test_list_and_get_model_describe_signatures_and_schedulers(client):
     with pytest.raises(grpc.RpcError) as caught:
         client.get_model("nope")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info, _ = error_details(caught.value)
+    assert (info.reason, dict(info.metadata)) == ("MODEL_NOT_FOUND", {"model": "nope"})
 
 
-def test_request_with_no_prompt_fields_still_uses_defaults(client):
-    reply = client.stub.TextToImage(
-        pb.TextToImageRequest(params=pb.GenerationParams(num_inference_steps=2)), timeout=60
-    )
+def test_a_request_with_only_a_prompt_uses_the_models_defaults(client):
+    reply = client.stub.TextToImage(pb.TextToImageRequest(prompt="a hill"), timeout=120)
     assert reply.images[0].image.width == 64
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_text_to_image_without_a_prompt_is_refused_naming_it(client, prompt):
+    """An empty request would otherwise run a 50-step unconditional image nobody asked for."""
+    with pytest.raises(grpc.RpcError) as caught:
+        client.stub.TextToImage(pb.TextToImageRequest(prompt=prompt), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["prompt"]
+    assert reason_of(caught.value) == "INVALID_ARGUMENT"
+
+
+def test_a_task_the_model_does_not_serve_names_the_model_and_task(client):
+    with pytest.raises(grpc.RpcError) as caught:
+        client.edit("make it red", [png(Image.new("RGB", (64, 64)))])
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    info, retry = error_details(caught.value)
+    assert (info.reason, info.metadata["task"], retry) == ("TASK_NOT_SERVED", "edit", None)
+    assert info.metadata["model"] == client.get_model("").model.tag

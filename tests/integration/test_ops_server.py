@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from helpers import READINESS, free_port, health_status, wait_for
+from helpers import READINESS, error_details, free_port, health_status, reason_of, wait_for
 from inprocess import running_server
 
 from service import servicer as servicer_module
@@ -39,6 +39,7 @@ def test_bearer_token_is_required_but_health_answers_without_it(store):
             with pytest.raises(grpc.RpcError) as caught:
                 anonymous.stub.TextToImage(request(), timeout=30)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert reason_of(caught.value) == "UNAUTHENTICATED"
             with pytest.raises(grpc.RpcError) as caught:
                 list(anonymous.stub.Stream(pb.StreamRequest(text_to_image=request()), timeout=30))
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -58,6 +59,8 @@ def test_a_full_queue_answers_resource_exhausted_at_once(store):
             client.text_to_image("x", seed=1, steps=2, num_images=3, timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in caught.value.details()
+        info, retry = error_details(caught.value)
+        assert info.reason == "QUEUE_FULL" and retry.retry_delay.seconds >= 1
         assert len(server.executor.queue) == 0  # all or nothing: no image of it was queued
         assert client.text_to_image("x", seed=1, steps=2, num_images=2, timeout=30).images
 
@@ -273,6 +276,8 @@ def test_readiness_waits_for_a_slow_model_load(store):
         with DiffusionClient(target) as client, pytest.raises(grpc.RpcError) as caught:
             client.stub.TextToImage(request(), timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        info, retry = error_details(caught.value)
+        assert info.reason == "DRAINING" and retry.retry_delay.seconds >= 1  # not ready: try again, or elsewhere
         gate.set()
         server.loop_thread.run(server.wait_ready(60))
         assert health_status(target, READINESS) == SERVING
@@ -306,6 +311,8 @@ def test_a_grace_that_runs_out_fails_the_rest_with_unavailable_counted_as_such(s
         stopping.result(timeout=60)
     for caught in (streamed, unary):
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        info, retry = error_details(caught.value)
+        assert info.reason == "WORKER_UNAVAILABLE" and retry is not None  # try another replica
     counted = {
         (sample.labels["rpc"], sample.labels["code"]): sample.value
         for metric in server.metrics.registry.collect()
@@ -401,6 +408,7 @@ def test_health_watch_streams_are_bounded_per_peer(store):
         with pytest.raises(grpc.RpcError) as caught:
             next(stub.Watch(health_pb2.HealthCheckRequest(service="")))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason_of(caught.value) == "TOO_MANY_WATCHES"
         watches.pop().cancel()
         wait_for(lambda: _watch_opens(stub), what="a freed watch slot")
         for watch in watches:
