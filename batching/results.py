@@ -16,6 +16,8 @@ class ItemOutput:
 
     image: Any  # a PIL image (or an array, per output_type)
     nsfw: bool = False
+    steps_computed: int | None = None  # with a feature cache: denoiser steps that ran in full
+    steps_cached: int | None = None  # and those that reused the cache
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ T5_VOCAB_SIZE = 1103
 _JOINT_ATTENTION_GAIN = 3.0  # add_k_proj and add_v_proj of the joint (double-stream) blocks
 _POOLED_GAIN = 6.0  # the pooled CLIP text embedder
 _GUIDANCE_GAIN = 6.0  # FLUX's guidance embedder
+_TAIL_GAIN = 8.0  # the output projections after the first block, where a feature cache must show
 
 
 def build_t5_tokenizer() -> Any:
@@ -118,8 +119,15 @@ def _amplify_joint_attention(transformer: Any) -> None:
         _scale(block.attn.add_v_proj, _JOINT_ATTENTION_GAIN)
 
 
-def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: Any = None) -> Any:
-    """FLUX.1 [dev] shaped (`guidance_embeds=True`: distilled guidance) or [schnell] shaped (False)."""
+def build_tiny_flux(
+    seed: int = 0, guidance_embeds: bool = True, torch_dtype: Any = None, cache_visible: bool = False
+) -> Any:
+    """FLUX.1 [dev] shaped (`guidance_embeds=True`: distilled guidance) or [schnell] shaped (False).
+
+    `cache_visible`: three blocks (one double, two single), and every block's output projections but the
+    first's, and the final `proj_out`, times `_TAIL_GAIN`. With random weights the blocks after the first change
+    the image too little for a First Block Cache to show (FACTS.md: reuse changes it by at most 1 level);
+    scaled, reuse moves it by tens of levels, and some thresholds give both hits and misses."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -129,7 +137,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: An
             patch_size=1,
             in_channels=4,
             num_layers=1,
-            num_single_layers=1,
+            num_single_layers=2 if cache_visible else 1,
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=32,
@@ -138,6 +146,10 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True, torch_dtype: An
             guidance_embeds=guidance_embeds,
         )
         _amplify_joint_attention(transformer)
+        if cache_visible:
+            for block in transformer.single_transformer_blocks:
+                _scale(block.proj_out, _TAIL_GAIN)
+            _scale(transformer.proj_out, _TAIL_GAIN)
         _scale(transformer.time_text_embed.text_embedder, _POOLED_GAIN)
         if guidance_embeds:
             _scale(transformer.time_text_embed.guidance_embedder, _GUIDANCE_GAIN)

@@ -65,6 +65,7 @@ class ReplicaAdapters:
         self._holds: dict[str, set[str]] = {}  # component (unet, text_encoder...) -> the LoRAs it holds
         self._state: dict[str, Any] = {}  # component -> what it applies now: OFF, ROWS, or ((name, weight), ...)
         self._rows: tuple[list[str], dict[str, Any]] | None = None  # the mixed call in progress
+        self._row_adapters: list[Adapter | None] = []  # its rows' LoRAs, for `narrowed`
         self._hooked: set[int] = set()
 
     @property
@@ -171,21 +172,27 @@ class ReplicaAdapters:
             self.apply_to_unet(())  # no row uses a LoRA: the plain forward, adapters off
             yield
             return
-        import torch
-
         self._set(self.denoiser, ROWS)
-        row_names = [adapter.name if adapter is not None else BASE_ROW for adapter in rows]
-        weights: dict[str, list[float]] = {}
-        for adapter in rows:
-            if adapter is not None:
-                weights.setdefault(adapter.name, []).append(adapter.weight)
-        # Built in float64 and cast by the hook, so a weight such as 0.3 rounds once, as a scaling factor does.
-        by_name = {name: torch.tensor(values, dtype=torch.float64) for name, values in weights.items()}
-        self._rows = (row_names, by_name)
+        self._row_adapters = list(rows)
+        self._rows = _row_table(rows)
         try:
             yield
         finally:
             self._rows = None
+            self._row_adapters = []
+
+    @contextlib.contextmanager
+    def narrowed(self, rows: Sequence[int]) -> Iterator[None]:
+        """Within a per-row call, a sub-batch of its rows (in this order): each keeps its own LoRA."""
+        if self._rows is None:
+            yield
+            return
+        whole = self._rows
+        self._rows = _row_table([self._row_adapters[row] for row in rows])
+        try:
+            yield
+        finally:
+            self._rows = whole
 
     def _set(self, component: str, loras: Sequence[Adapter] | str) -> None:
         """Make `component` apply these LoRAs (those it holds), or ROWS: every LoRA on at weight 1.0, each row
@@ -249,3 +256,16 @@ class ReplicaAdapters:
             return output
         shape = (-1,) + (1,) * (output.dim() - 1)
         return output * weights.to(device=output.device, dtype=output.dtype).view(shape)
+
+
+def _row_table(rows: Sequence[Adapter | None]) -> tuple[list[str], dict[str, Any]]:
+    """What the hooks read for a per-row call: each row's adapter name, and each adapter's weights in row order."""
+    import torch
+
+    row_names = [adapter.name if adapter is not None else BASE_ROW for adapter in rows]
+    weights: dict[str, list[float]] = {}
+    for adapter in rows:
+        if adapter is not None:
+            weights.setdefault(adapter.name, []).append(adapter.weight)
+    # Built in float64 and cast by the hook, so a weight such as 0.3 rounds once, as a scaling factor does.
+    return row_names, {name: torch.tensor(values, dtype=torch.float64) for name, values in weights.items()}

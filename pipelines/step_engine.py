@@ -35,6 +35,7 @@ from batching.executor import is_out_of_memory
 from .adapters import ReplicaAdapters
 from .device import Device
 from .families import Conditioning, StepFamily, StepInputs, Track, family_of, join_rows
+from .feature_cache import CACHEABLE_PIPELINES, RowCache, first_block_cache
 
 log = logging.getLogger(__name__)
 STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
@@ -42,6 +43,8 @@ STEP_INPUT = "step"  # WorkItem.inputs[STEP_INPUT] holds the item's StepInputs
 # together: decoding costs per call (tiny model on the CPU: 10 ms for 1 image, 25 ms for 4).
 DECODE_HOLD_TICKS = 2
 LORAS, PER_ROW = "loras", "per-row"  # BatchKey.group[LORAS]: the LoRA set items share calls by (several), or PER_ROW
+ROW_CACHES = "row_caches"  # Track.state[ROW_CACHES]: each row's First Block Cache state, when the item asks for it
+STEPS_CACHED = "steps_cached"  # Track.state[STEPS_CACHED]: the item's steps in which a row reused its cache
 SPLIT = "split"  # BatchKey.group[SPLIT]: what the family says keeps items out of one call (StepFamily.split)
 
 
@@ -191,8 +194,16 @@ class StepEngine:
         else:  # one LoRA (or none) per item: each row its own, in one call
             per_row = [t.spec.loras[0] if t.spec.loras else None for t in tracks for _ in range(t.rows)]
             applied = adapters.per_row(per_row)
-        with applied:
-            return family.denoise(tracks[0].pipe, inputs, tracks[0])
+        caches = [cache for t in tracks for cache in t.state.get(ROW_CACHES, [None] * t.rows)]
+        if not any(caches):
+            with applied:
+                return family.denoise(tracks[0].pipe, inputs, tracks[0])
+        with applied, first_block_cache(tracks[0].pipe.transformer, caches, adapters.narrowed):
+            prediction = family.denoise(tracks[0].pipe, inputs, tracks[0])
+        for track in tracks:  # a step reused the cache when any of the item's rows did
+            if any(cache.reused_last for cache in track.state.get(ROW_CACHES, ())):
+                track.state[STEPS_CACHED] = track.state.get(STEPS_CACHED, 0) + 1
+        return prediction
 
     def _advance(self, tracks: Sequence[Track], noise: Any, tick: Tick) -> None:
         """Each item's next latents from its own rows, as its family's pipeline loop makes them."""
@@ -248,7 +259,9 @@ class StepEngine:
         first = finite[0]
         with self.device.running():
             images, nsfw = first.family.decode(self._models[first.item.key.model].base, finite, self.device.name)
-        tick.finished += [(t.item, ItemOutput(image, flag)) for t, image, flag in zip(finite, images, nsfw)]
+        tick.finished += [
+            (t.item, ItemOutput(image, flag, *cache_steps(t))) for t, image, flag in zip(finite, images, nsfw)
+        ]
 
     @staticmethod
     def _wait_for_company(leaving: Sequence[Track], running: Sequence[Track], set_size: int) -> bool:
@@ -322,6 +335,9 @@ class StepEngine:
         # A CPU generator: a seed gives the same starting noise on every device type.
         generator = torch.Generator("cpu").manual_seed(item.seed % 2**64)
         start = model.family.start(pipe, spec, scheduler, generator, self.device.name, conditioning)
+        if spec.cache_threshold is not None and type(pipe).__name__ in CACHEABLE_PIPELINES:
+            rows = model.family.rows(spec)  # each row its own state, as each of its pipeline's cache contexts
+            start.state[ROW_CACHES] = [RowCache(spec.cache_threshold) for _ in range(rows)]
         return Track(
             item,
             spec,
@@ -430,3 +446,12 @@ def _encode_groups(family: StepFamily, specs: Sequence[StepInputs]) -> list[list
 def _spec(item: WorkItem) -> StepInputs:
     spec: StepInputs = item.inputs[STEP_INPUT]
     return spec
+
+
+def cache_steps(track: Track) -> tuple[int | None, int | None]:
+    """(denoiser steps run in full, steps that reused the cache) of a cached item: a step reused the cache when
+    any of its rows did (its rows decide apart, as its pipeline's cache contexts do); (None, None) uncached."""
+    if not track.state.get(ROW_CACHES):
+        return None, None
+    reused = int(track.state.get(STEPS_CACHED, 0))
+    return len(track.timesteps) - reused, reused

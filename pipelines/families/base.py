@@ -53,6 +53,7 @@ class StepInputs:
     max_sequence_length: int | None = None  # the T5 prompt length; None: the pipeline's default
     references: tuple[Any, ...] = ()  # edit: the reference images (PIL RGB, their own sizes), in order
     size_given: bool = True  # False: the client left the size to the pipeline (edit: not the reference's)
+    cache_threshold: float | None = None  # First Block Cache at this threshold (`pipelines.feature_cache`)
 
     @property
     def cfg(self) -> bool:
