@@ -18,7 +18,16 @@ from .errors import StoreError
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 CPU_OFFLOAD = ("none", "model", "sequential")
 # What `models import --option` may store; the rest are the operator's alone.
-STORED_KEYS = ("torch_dtype", "variant", "scheduler", "attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload")
+STORED_KEYS = (
+    "torch_dtype",
+    "variant",
+    "scheduler",
+    "attention_slicing",
+    "vae_slicing",
+    "vae_tiling",
+    "cpu_offload",
+    "cache",
+)
 _BOOLEAN_KEYS = ("attention_slicing", "vae_slicing", "vae_tiling")
 
 
@@ -40,6 +49,7 @@ class LoadOptions:
     cpu_offload: str | None = None  # "none", "model" (whole modules to the GPU in turn), "sequential" (layers)
     allow_pickle: bool = False  # load .bin/.ckpt weights too; safetensors only otherwise
     compile: bool = False  # torch.compile the denoiser (CUDA only)
+    cache: str | None = None  # the requests' default feature cache: "first_block:THRESHOLD" or "none"
 
     def merged_with(self, stored: Mapping[str, Any]) -> LoadOptions:
         """These options, with the stored ones filling what is not set here."""
@@ -69,7 +79,25 @@ def check(options: Mapping[str, Any]) -> dict[str, Any]:
     scheduler = checked.get("scheduler")
     if isinstance(scheduler, str):
         _scheduler_class(scheduler)
+    if checked.get("cache") is not None:
+        cache_threshold(str(checked["cache"]))
     return checked
+
+
+def cache_threshold(text: str) -> float | None:
+    """The First Block Cache threshold a `cache` option names ("first_block:0.2"), or None for "none"."""
+    import math
+
+    method, _, threshold = text.partition(":")
+    if method == "none" and not threshold:
+        return None
+    try:
+        value = float(threshold) if method == "first_block" else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise StoreError(f"cache must be first_block:THRESHOLD (a number of at least 0) or none, got {text!r}")
+    return value
 
 
 def check_stored(stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -194,6 +194,20 @@ def _finish(call: _Call, hidden: Any, encoder: Any) -> tuple[Any, Any]:
         else:
             assert cache.tail_residuals is not None
             hidden_rows[row] = (cache.tail_residuals[0] + call.head_hidden[row : row + 1])[0]
-            encoder_rows[row] = (cache.tail_residuals[1] + call.head_encoder[row : row + 1])[0]
+            text = _fit(cache.tail_residuals[1], call.head_encoder.shape[1])
+            encoder_rows[row] = (text + call.head_encoder[row : row + 1])[0]
             cache.reused_last = True
     return torch.stack(hidden_rows), torch.stack(encoder_rows)
+
+
+def _fit(residual: Any, length: int) -> Any:
+    """A row's text residual, cut or zero-padded to this call's text length. Calls pad text to their longest row
+    (Qwen-Image); a row's own tokens come first, and what lies past them is masked in attention and dropped
+    after the last block, so the image is the same."""
+    import torch
+
+    if residual.shape[1] == length:
+        return residual
+    if residual.shape[1] > length:
+        return residual[:, :length]
+    return torch.nn.functional.pad(residual, (0, 0, 0, length - residual.shape[1]))

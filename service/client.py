@@ -59,10 +59,12 @@ def params(
     adapters: Mapping[str, float] | None = None,
     true_cfg_scale: float | None = None,
     max_sequence_length: int | None = None,
+    cache: str | None = None,
 ) -> pb.GenerationParams:
     """GenerationParams with only the given fields set (absent ones mean the model's default). `size_conditioning`
     takes SizeConditioning's field names: original_height, original_width, crop_top, crop_left, target_*;
-    `adapters` maps LoRA names (ModelInfo.adapters) to their weights."""
+    `adapters` maps LoRA names (ModelInfo.adapters) to their weights; `cache` is "first_block:THRESHOLD" or
+    "none"."""
     fmt = FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format
     message = pb.GenerationParams(
         num_images=num_images,
@@ -90,6 +92,9 @@ def params(
     for name, value in optional.items():
         if value is not None:
             setattr(message, name, value)
+    if cache is not None:
+        method, _, threshold = cache.partition(":")
+        message.cache.CopyFrom(pb.Cache(method=method, threshold=float(threshold or 0)))
     return message
 
 

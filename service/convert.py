@@ -130,6 +130,7 @@ def params(message: pb.GenerationParams) -> Params:
         adapters=tuple((adapter.name, adapter.weight) for adapter in message.adapters),
         true_cfg_scale=given("true_cfg_scale"),
         max_sequence_length=given("max_sequence_length"),
+        cache=(message.cache.method, message.cache.threshold) if fields.HasField("cache") else None,
     )
 
 
@@ -192,7 +193,13 @@ def task_response(job: Generation, outputs: Sequence[ItemOutput]) -> TypedRespon
         )
         for seed, output in zip(job.seeds(), outputs)
     ]
-    response = _RESPONSE_OF_TASK[job.task](model=job.served.tag, images=images, warnings=job.warnings)
+    response = _RESPONSE_OF_TASK[job.task](
+        model=job.served.tag,
+        images=images,
+        warnings=job.warnings,
+        steps_computed=sum(output.steps_computed or 0 for output in outputs),
+        steps_cached=sum(output.steps_cached or 0 for output in outputs),
+    )
     return response  # type: ignore[return-value]
 
 

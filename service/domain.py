@@ -49,6 +49,7 @@ class Params:
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA (name, weight) pairs, as sent
     true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
+    cache: tuple[str, float] | None = None  # (method, threshold) as sent; None: the model's default
 
 
 @dataclass(frozen=True)

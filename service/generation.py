@@ -66,6 +66,7 @@ class Generation:
     true_cfg_scale: float | None = None  # resolved to the pipeline's default where it takes one
     max_sequence_length: int | None = None  # likewise
     references: tuple[Any, ...] = ()  # edit: the reference images (PIL RGB, their own sizes), in order
+    cache_threshold: float | None = None  # First Block Cache (step engine only), the request's or the model's
 
     def seeds(self) -> list[int]:
         """Image i uses seed + i (mod 2**64), so each image is reproducible alone."""
@@ -208,6 +209,7 @@ class Generation:
             max_sequence_length=self.max_sequence_length,
             references=self.references,
             size_given=self.size_given,
+            cache_threshold=self.cache_threshold,
         )
 
     def describe(self, seed: int, size: tuple[int, int] | None = None) -> Mapping[str, str]:
@@ -230,7 +232,14 @@ class Generation:
             text["strength"] = repr(self.strength)
         if self.eta is not None:
             text["eta"] = repr(self.eta)
-        optional = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "true_cfg_scale")
+        optional = (
+            "prompt_2",
+            "negative_prompt_2",
+            "prompt_3",
+            "negative_prompt_3",
+            "true_cfg_scale",
+            "cache_threshold",
+        )
         for name in (*optional, "max_sequence_length", "original_size", "crops_coords_top_left", "target_size"):
             if getattr(self, name) is not None:
                 text[name] = str(getattr(self, name))

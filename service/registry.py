@@ -13,6 +13,7 @@ from typing import Any
 from model_store import Model, ModelNotFoundError, ModelStore, Signature, Tag, interface
 from model_store.defaults import PipelineDefaults, compatible_schedulers, read_pipeline_defaults
 from model_store.interface import EDIT, IMG2IMG, INPAINT, TEXT2IMG, Parameters
+from model_store.options import cache_threshold
 from model_store.tags import shown
 from pipelines.adapters import EMBEDDING, Adapter
 
@@ -96,6 +97,21 @@ class ServedModel:
     def control_inputs(self) -> int:
         return self.defaults.control_inputs
 
+    def cacheable(self, signature: str) -> bool:
+        """Whether the signature offers a First Block Cache: on the step engine, for the pipelines diffusers'
+        own hook runs in (`pipelines.feature_cache.CACHEABLE_PIPELINES`)."""
+        from pipelines.feature_cache import CACHEABLE_PIPELINES
+
+        task_class = _task_class(self.pipeline_class, self.model.signatures[signature])
+        engine = self.engines.get(signature)
+        return engine == "step" and task_class is not None and task_class.__name__ in CACHEABLE_PIPELINES
+
+    @property
+    def default_cache_threshold(self) -> float | None:
+        """The model's default First Block Cache threshold (`models import --option cache=...`), or None."""
+        option = self.model.effective_options().cache
+        return cache_threshold(option) if option else None
+
     def control_parameter(self, signature: str) -> str | None:
         """The argument that takes the ControlNet conditioning images, or None when the model has no ControlNet."""
         if not self.control_inputs:
@@ -168,6 +184,16 @@ class ServedModel:
         return tuple(warnings)
 
 
+def _task_class(pipeline_class: type, signature: Signature) -> type | None:
+    """The pipeline class a signature runs: the stored one for `__call__`, the derived one for a task of it, or
+    None for a method of its own (custom code nobody can see into)."""
+    if signature.name == "__call__":
+        return pipeline_class
+    if getattr(pipeline_class, signature.name, None) is None:
+        return interface.derived_class(pipeline_class, signature.task)
+    return None
+
+
 def _engine(batching: str, model: Model, pipeline_class: type, signature: Signature) -> str:
     """Step-level batching where the step engine reproduces the signature exactly (and, under `auto`, where the
     importer declared it batchable); request batching everywhere else: the engine never stops a model serving."""
@@ -179,14 +205,7 @@ def _engine(batching: str, model: Model, pipeline_class: type, signature: Signat
         return "request"
     if (model.effective_options().cpu_offload or "none") != "none":
         return "request"  # offload hooks move modules per pipeline call; the step engine calls them directly
-    own = getattr(pipeline_class, signature.name, None)
-    if signature.name == "__call__":
-        task_class: type | None = pipeline_class
-    elif own is None:
-        task_class = interface.derived_class(pipeline_class, signature.task)
-    else:
-        task_class = None  # a method of its own: custom code the engine cannot see into
-    if step_capable(pipeline_class, task_class, model.path):
+    if step_capable(pipeline_class, _task_class(pipeline_class, signature), model.path):
         return "step"
     if batching == "step":
         log.warning("%s: %s stays on request batching (the step engine does not support it)", model.tag, signature.name)

@@ -84,7 +84,11 @@ class DiffusionServer:
         self.executor.on_unhealthy = self._on_worker_death
         self.metrics.queue_depth.set_function(lambda: len(self.executor.queue))
         self.servicer = DiffusionServicer(
-            self.registry, self.executor, Limits.of(config), client_id_header=config.client_id_header
+            self.registry,
+            self.executor,
+            Limits.of(config),
+            client_id_header=config.client_id_header,
+            on_results=self.metrics.record_results,
         )
         self.health = BoundedHealthServicer()
         self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")

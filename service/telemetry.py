@@ -9,14 +9,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from batching import BatchReport
+from batching import BatchReport, ItemOutput
 
 from . import scope
 from .errors import FieldViolation, InvalidArgument
@@ -65,6 +65,20 @@ class Metrics:
         self.in_flight = Gauge(f"{PREFIX}in_flight_requests", "RPCs being served", registry=r)
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "items waiting in the batch queue", registry=r)
         self.models_loaded = Gauge(f"{PREFIX}models_loaded", "models loaded and warm", registry=r)
+        self.cache_steps = Counter(
+            f"{PREFIX}cache_steps",
+            "denoiser steps of feature-cached images, by model and outcome (computed or cached)",
+            ["model", "outcome"],
+            registry=r,
+        )
+
+    def record_results(self, model: str, outputs: Sequence[ItemOutput]) -> None:
+        """A typed task's images: with a feature cache, how many of their steps ran in full and how many reused
+        it (the hit ratio is cached / (computed + cached))."""
+        for output in outputs:
+            if output.steps_cached is not None:
+                self.cache_steps.labels(model, "computed").inc(output.steps_computed or 0)
+                self.cache_steps.labels(model, "cached").inc(output.steps_cached)
 
     def record_batch(self, report: BatchReport) -> None:
         """A pipeline call or a step-engine tick. Queue waits are recorded per item when its RPC ends."""

@@ -119,6 +119,7 @@ def generation(request: TaskRequest, registry: ModelRegistry, limits: Limits) ->
     strength = _strength(request, served, signature.name, fields["num_inference_steps"], bad) if image else None
     fields.update(_more_texts(request, served, signature.name, bad))
     fields.update(_text_guidance(request.params, served, signature.name, bad))
+    fields["cache_threshold"] = _cache(request.params, served, signature.name, bad)
     fields.update(_sdxl_conditioning(request.params, served, signature.name, fields, bad))
     fields.update(_control(request, served, limits, fields, bad))
     if request.task in (TEXT2IMG, EDIT) and not request.prompt.strip() and served.takes(signature.name)("prompt"):
@@ -272,6 +273,30 @@ def _text_guidance(params: Params, served: ServedModel, signature: str, bad: Vio
     elif length is not None:
         resolved["max_sequence_length"] = length
     return resolved
+
+
+def _cache(params: Params, served: ServedModel, signature: str, bad: Violations) -> float | None:
+    """The request's First Block Cache threshold; else the model's default where the signature offers a cache;
+    `method: "none"` turns it off."""
+    if params.cache is None:
+        return served.default_cache_threshold if served.cacheable(signature) else None
+    method, threshold = params.cache
+    if method == "none":
+        return None
+    if method != "first_block":
+        bad.add("params.cache.method", f"must be first_block or none, got {shown(method)}")
+        return None
+    if not served.cacheable(signature):
+        bad.add(
+            "params.cache.method",
+            f"{served.tag}'s {signature} offers no first_block cache: diffusers' hook runs in the FLUX.1 "
+            "text-to-image and Qwen-Image pipelines, served on the step engine",
+        )
+        return None
+    if not math.isfinite(threshold) or threshold < 0:
+        bad.add("params.cache.threshold", f"must be a finite number of at least 0, got {threshold}")
+        return None
+    return float(threshold)
 
 
 SIZE_CONDITIONING_MAX = 16384  # pixels: far above any training size, small enough to stay meaningful

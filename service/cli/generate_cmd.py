@@ -25,6 +25,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--prompt-3", default="", help="prompt for SD3's T5 encoder")
     parser.add_argument("--negative-prompt-3", default="", help="negative prompt for SD3's T5 encoder")
     parser.add_argument("--true-cfg", type=float, help="true CFG scale (FLUX, Qwen-Image; with --negative-prompt)")
+    parser.add_argument(
+        "--cache", type=_cache, help="feature cache: first_block:THRESHOLD or none (FLUX.1, Qwen-Image)"
+    )
     parser.add_argument("--max-sequence-length", type=int, help="T5 prompt length in tokens (FLUX, SD3)")
     parser.add_argument(
         "--edit",
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         adapters=dict(_lora(text) for text in args.lora),
         true_cfg_scale=args.true_cfg,
         max_sequence_length=args.max_sequence_length,
+        cache=args.cache,
     )
     common = {"model": args.model, "prompt": args.prompt, "negative_prompt": args.negative_prompt, "params": settings}
     request: Any
@@ -174,3 +178,15 @@ def output_paths(output: str, count: int) -> list[Path]:
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+
+
+def _cache(text: str) -> str:
+    """`first_block:THRESHOLD` or `none`, checked here so that a typo is a usage error, not a request."""
+    from model_store.errors import StoreError
+    from model_store.options import cache_threshold
+
+    try:
+        cache_threshold(text)
+    except StoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

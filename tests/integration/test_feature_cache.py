@@ -13,6 +13,7 @@ from test_step_engine import engine_of, run_engine, runners
 from batching import WorkItem
 from model_store import ModelStore
 from model_store.tiny_dit import build_tiny_flux
+from model_store.tiny_qwen import build_tiny_qwen_image
 from pipelines.families import StepInputs
 from pipelines.step_engine import STEP_INPUT, step_key
 
@@ -23,6 +24,7 @@ SEQ = 16
 def home(tmp_path_factory):
     models = ModelStore(tmp_path_factory.mktemp("cache"))
     models.save_model("flux", build_tiny_flux(seed=0, cache_visible=True), signatures={"__call__": {"batchable": True}})
+    models.save_model("qwen", build_tiny_qwen_image(seed=0), signatures={"__call__": {"batchable": True}})
     return models
 
 
@@ -116,3 +118,31 @@ def test_cached_rows_keep_their_own_loras_in_the_sub_batch(home, tmp_path):
         served = results[id(items[work.index((s, seed))])]
         assert np.abs(np.asarray(served.image, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
     assert len({results[id(queued)].steps_cached for queued in items}) > 1  # the rows decided apart
+
+
+def test_qwen_image_rows_of_any_text_length_each_equal_diffusers_hook(home):
+    """Qwen-Image's conditional and negative passes are two cache contexts: two rows, two states, padded text."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    loaded = runners(home, "float32")
+    tag = home.get("qwen").tag
+    work = [
+        (StepInputs("text2img", "a red barn", 8, 1.0, 32, 32, cache_threshold=0.8), 21),
+        (StepInputs("text2img", "a blue lake under a stormy sky", 8, 1.0, 32, 32, cache_threshold=0.4), 22),
+        (StepInputs("text2img", "an old tree", 7, 1.0, 32, 32, negative_prompt="dark", cache_threshold=0.8), 23),
+        (StepInputs("text2img", "a cat", 6, 1.0, 32, 32), 24),
+    ]
+    pipeline_class = type(loaded[tag].pipeline)
+    items = [WorkItem(step_key(tag, "__call__", pipeline_class, s), {STEP_INPUT: s}, seed=seed) for s, seed in work]
+    results = run_engine(engine_of(loaded), items)
+    for (s, seed), queued in zip(work, items):
+        pipe = build_tiny_qwen_image(seed=0)
+        if s.cache_threshold is not None:
+            apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=s.cache_threshold))
+        negative = {"negative_prompt": s.negative_prompt} if s.negative_prompt else {}
+        with torch.inference_mode():
+            expected = pipe(prompt=s.prompt, num_inference_steps=s.num_inference_steps, height=32, width=32,
+                            generator=torch.Generator("cpu").manual_seed(seed), **negative).images[0]  # fmt: skip
+        served = np.asarray(results[id(queued)].image, dtype=np.int16)
+        assert np.abs(served - np.asarray(expected, dtype=np.int16)).max() <= 1, s.prompt
+    assert 0 < results[id(items[0])].steps_cached < 8

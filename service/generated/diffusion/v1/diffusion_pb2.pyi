@@ -112,6 +112,7 @@ class GenerationParams(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     TRUE_CFG_SCALE_FIELD_NUMBER: _builtins.int
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """Denoising steps, 1 up to the server's maximum."""
     guidance_scale: _builtins.float
@@ -160,6 +161,13 @@ class GenerationParams(_message.Message):
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]:
         """LoRA adapters to apply, by name (ModelInfo.adapters), each at its weight; none means the base model."""
 
+    @_builtins.property
+    def cache(self) -> Global___Cache:
+        """A feature cache for this request; absent means the model's default (`models import --option
+        cache=first_block:THRESHOLD`), and `method: "none"` turns it off. Offered where diffusers' own hook runs:
+        FLUX.1 text-to-image and Qwen-Image, on the step engine.
+        """
+
     def __init__(
         self,
         *,
@@ -182,10 +190,11 @@ class GenerationParams(_message.Message):
         adapters: _abc.Iterable[Global___Adapter] | None = ...,
         true_cfg_scale: _builtins.float | None = ...,
         max_sequence_length: _builtins.int | None = ...,
+        cache: Global___Cache | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "max_sequence_length", b"max_sequence_length", "negative_aesthetic_score", b"negative_aesthetic_score", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "size_conditioning", b"size_conditioning", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "aesthetic_score", b"aesthetic_score", "cache", b"cache", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "max_sequence_length", b"max_sequence_length", "negative_aesthetic_score", b"negative_aesthetic_score", "num_inference_steps", b"num_inference_steps", "quality", b"quality", "seed", b"seed", "size_conditioning", b"size_conditioning", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "adapters", b"adapters", "aesthetic_score", b"aesthetic_score", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "max_sequence_length", b"max_sequence_length", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score", "_control_guidance_end", b"_control_guidance_end", "_control_guidance_start", b"_control_guidance_start", "_eta", b"_eta", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_max_sequence_length", b"_max_sequence_length", "_negative_aesthetic_score", b"_negative_aesthetic_score", "_num_inference_steps", b"_num_inference_steps", "_quality", b"_quality", "_seed", b"_seed", "_true_cfg_scale", b"_true_cfg_scale", "_width", b"_width", "adapters", b"adapters", "aesthetic_score", b"aesthetic_score", "cache", b"cache", "control_guidance_end", b"control_guidance_end", "control_guidance_start", b"control_guidance_start", "control_scales", b"control_scales", "eta", b"eta", "guidance_scale", b"guidance_scale", "height", b"height", "max_sequence_length", b"max_sequence_length", "negative_aesthetic_score", b"negative_aesthetic_score", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "output_format", b"output_format", "quality", b"quality", "scheduler", b"scheduler", "seed", b"seed", "size_conditioning", b"size_conditioning", "true_cfg_scale", b"true_cfg_scale", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__aesthetic_score: _TypeAlias = _typing.Literal["aesthetic_score"]  # noqa: Y015
     _WhichOneofArgType__aesthetic_score: _TypeAlias = _typing.Literal["_aesthetic_score", b"_aesthetic_score"]  # noqa: Y015
@@ -241,6 +250,34 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
+
+@_typing.final
+class Cache(_message.Message):
+    """How the denoiser reuses its own work between steps."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """"first_block" (diffusers' FirstBlockCacheConfig: when the first block's residual moved by at most
+    `threshold`, relative to its last full step, the other blocks reuse their cached residual) or "none".
+    """
+    threshold: _builtins.float
+    """The relative change below which a step reuses the cache; finite and at least 0."""
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cache: _TypeAlias = Cache  # noqa: Y015
 
 @_typing.final
 class Adapter(_message.Message):
@@ -434,8 +471,15 @@ class TextToImageResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    STEPS_COMPUTED_FIELD_NUMBER: _builtins.int
+    STEPS_CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The resolved full tag (`name:version`)."""
+    steps_computed: _builtins.int
+    """With a feature cache (GenerationParams.cache): the denoiser steps of its images that ran in full, and
+    those that reused the cache (a step of an image reused it when any of its passes did). 0 and 0 without.
+    """
+    steps_cached: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
         """The images, in seed order."""
@@ -450,10 +494,12 @@ class TextToImageResponse(_message.Message):
         model: _builtins.str = ...,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        steps_computed: _builtins.int = ...,
+        steps_cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "steps_cached", b"steps_cached", "steps_computed", b"steps_computed", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -538,8 +584,15 @@ class ImageToImageResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    STEPS_COMPUTED_FIELD_NUMBER: _builtins.int
+    STEPS_CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The resolved full tag."""
+    steps_computed: _builtins.int
+    """With a feature cache (GenerationParams.cache): the denoiser steps of its images that ran in full, and
+    those that reused the cache (a step of an image reused it when any of its passes did). 0 and 0 without.
+    """
+    steps_cached: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
         """The images, in seed order."""
@@ -554,10 +607,12 @@ class ImageToImageResponse(_message.Message):
         model: _builtins.str = ...,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        steps_computed: _builtins.int = ...,
+        steps_cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "steps_cached", b"steps_cached", "steps_computed", b"steps_computed", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -648,8 +703,15 @@ class InpaintResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    STEPS_COMPUTED_FIELD_NUMBER: _builtins.int
+    STEPS_CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The resolved full tag."""
+    steps_computed: _builtins.int
+    """With a feature cache (GenerationParams.cache): the denoiser steps of its images that ran in full, and
+    those that reused the cache (a step of an image reused it when any of its passes did). 0 and 0 without.
+    """
+    steps_cached: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
         """The images, in seed order."""
@@ -664,10 +726,12 @@ class InpaintResponse(_message.Message):
         model: _builtins.str = ...,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        steps_computed: _builtins.int = ...,
+        steps_cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "steps_cached", b"steps_cached", "steps_computed", b"steps_computed", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -839,8 +903,15 @@ class EditResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     IMAGES_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    STEPS_COMPUTED_FIELD_NUMBER: _builtins.int
+    STEPS_CACHED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The resolved full tag."""
+    steps_computed: _builtins.int
+    """With a feature cache (GenerationParams.cache): the denoiser steps of its images that ran in full, and
+    those that reused the cache (a step of an image reused it when any of its passes did). 0 and 0 without.
+    """
+    steps_cached: _builtins.int
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
         """The images, in seed order."""
@@ -855,10 +926,12 @@ class EditResponse(_message.Message):
         model: _builtins.str = ...,
         images: _abc.Iterable[Global___GeneratedImage] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        steps_computed: _builtins.int = ...,
+        steps_cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "model", b"model", "steps_cached", b"steps_cached", "steps_computed", b"steps_computed", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
