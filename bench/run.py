@@ -187,6 +187,16 @@ class Server:
                 values[name] = float(value)
         return values
 
+    def counter(self, name: str, **labels: str) -> float:
+        """The sum of a labelled series' samples whose labels include `labels`."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(label in line for label in wanted):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def rss(self) -> int:
         import psutil
 
@@ -213,6 +223,7 @@ async def load(
     adapters: str = "none",
     model: str = "",
     text_length: int | None = None,
+    cache: float | None = None,
 ) -> tuple[list[float], float]:
     """`requests` TextToImage calls from `concurrency` closed-loop clients; returns latencies and wall time."""
     import grpc
@@ -238,6 +249,7 @@ async def load(
                     width=size,
                     adapters=[pb.Adapter(name=name, weight=1.0) for name in lora],
                     max_sequence_length=text_length,
+                    cache=pb.Cache(method="none" if cache is None else "first_block", threshold=cache or 0.0),
                 )
                 t = time.perf_counter()
                 tag = "bench-lora" if adapters != "none" else model
@@ -324,6 +336,7 @@ def build_store(home: Path, realistic: bool) -> None:
     batchable = {"__call__": {"batchable": True}}
     store.save_model("bench-flux", build_tiny_flux(seed=0), signatures=batchable)
     store.save_model("bench-sd3", build_tiny_sd3(seed=0), signatures=batchable)
+    store.save_model("bench-flux-fbc", build_tiny_flux(seed=0, cache_visible=True), signatures=batchable)
 
 
 # The tiny DiTs' VAE does not downsample: FLUX packs 2x2 latents into a token, SD3 patches 1x1. Both run 256 image
@@ -361,6 +374,101 @@ def family_axis(home: Path, device: str, requests: int) -> list[dict[str, Any]]:
                 server.stop()
         results.append({"family": family, "model": model, "size": size, "runs": rows})
     return results
+
+
+CACHE_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8)  # First Block Cache thresholds tried for about half the steps
+EVERY_STEP = 1e9  # a threshold every step after the first passes
+
+
+def cache_axis(home: Path, device: str, requests: int) -> dict[str, Any]:
+    """First Block Cache on the tiny FLUX whose later blocks show reuse, on the step engine at c=1 and c=8: not
+    cached, cached at the candidate threshold nearest half the steps reused, and at a threshold every step after
+    the first passes ("every"), which measures what a reused step saves on this server."""
+    model, size = "bench-flux-fbc", FAMILY_SIZES["bench-flux"]
+    server = Server(home, device, "step", model=model)
+    try:
+        reuse = {t: _served_reuse(server.target, model, size, t) for t in CACHE_CANDIDATES}
+        threshold = min(CACHE_CANDIDATES, key=lambda t: abs(reuse[t] - 0.5))
+        rows: dict[str, Any] = {"threshold": threshold, "probe_reuse": reuse}
+        steps = "diffusers_grpc_cache_steps_total"
+        for concurrency in (1, 8):
+            count = 40 if concurrency == 1 else max(requests, 4 * concurrency)  # c=1 runs are short: noisy
+            for label, cached in (("uncached", None), ("cached", threshold), ("every", EVERY_STEP)):
+                name = f"FLUX.1 {label} c={concurrency}"
+                before = [server.counter(steps, outcome=outcome) for outcome in ("cached", "computed")]
+                row = measure(
+                    server, name, concurrency, count, "uniform", size, text_length=FAMILY_TEXT_LENGTH, cache=cached
+                )
+                hits, full = (server.counter(steps, outcome=o) - b for o, b in zip(("cached", "computed"), before))
+                if cached is not None:  # the warm-up's steps are counted too: the same threshold, the same reuse
+                    row["reuse"] = round(hits / max(1.0, hits + full), 3)
+                rows[name] = row
+        rows["pixels"] = _cache_pixels(server.target, model, size, threshold)
+    finally:
+        server.stop()
+    return rows
+
+
+def _served_reuse(target: str, model: str, size: int, threshold: float) -> float:
+    import grpc
+
+    from service.generated.diffusion.v1 import diffusion_pb2 as pb
+    from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        params = pb.GenerationParams(
+            seed=1, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=size, width=size,
+            max_sequence_length=FAMILY_TEXT_LENGTH, cache=pb.Cache(method="first_block", threshold=threshold),
+        )  # fmt: skip
+        reply = pb_grpc.DiffusionServiceStub(channel).TextToImage(
+            pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params), timeout=600
+        )
+    return reply.steps_cached / STEPS
+
+
+def _cache_pixels(target: str, model: str, size: int, threshold: float) -> dict[str, float]:
+    """Mean and max difference, in uint8 levels, of cached images from uncached ones (same seeds)."""
+    import io
+
+    import grpc
+    import numpy as np
+    from PIL import Image
+
+    from service.generated.diffusion.v1 import diffusion_pb2 as pb
+    from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+
+    differences = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        for seed in range(4):
+            images = []
+            for cache in (pb.Cache(method="none"), pb.Cache(method="first_block", threshold=threshold)):
+                params = pb.GenerationParams(
+                    seed=seed, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=size, width=size,
+                    max_sequence_length=FAMILY_TEXT_LENGTH, cache=cache,
+                )  # fmt: skip
+                reply = stub.TextToImage(pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params))
+                images.append(np.asarray(Image.open(io.BytesIO(reply.images[0].image.data)), dtype=np.int16))
+            differences.append(np.abs(images[0] - images[1]))
+    return {
+        "mean_levels": round(float(np.mean([d.mean() for d in differences])), 2),
+        "max_levels": int(max(d.max() for d in differences)),
+    }
+
+
+def cache_ratios(cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Throughput cached / uncached at c=1 and c=8, and the share it reached of the ideal that the measured reuse
+    allows: per image, t_ideal = t_none - reuse * (t_none - t_every) / reuse_every (t: seconds per image)."""
+    out: dict[str, dict[str, Any]] = {}
+    for concurrency in (1, 8):
+        runs = {label: cache[f"FLUX.1 {label} c={concurrency}"] for label in ("uncached", "cached", "every")}
+        none, every = (1 / runs[label]["images_per_s"] for label in ("uncached", "every"))
+        speedup = runs["cached"]["images_per_s"] / runs["uncached"]["images_per_s"]
+        ideal = none / max(1e-9, none - runs["cached"]["reuse"] * (none - every) / max(1e-9, runs["every"]["reuse"]))
+        out[f"FLUX.1 cache c={concurrency}: reuse"] = _ratio(runs["cached"]["reuse"], "about 0.5")
+        out[f"FLUX.1 cache c={concurrency}: cached / uncached img/s"] = _ratio(speedup, f"(ideal {ideal:.2f})")
+        out[f"FLUX.1 cache c={concurrency}: speedup / ideal"] = _ratio(speedup / ideal, ">= 0.80")
+    return out
 
 
 def family_ratios(family: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -431,6 +539,7 @@ def main() -> int:
     finally:
         lora.stop()
     report["families"] = family_axis(home, args.device, args.requests)
+    report["cache"] = cache_axis(home, args.device, args.requests)
     off = Server(home, args.device, "request", max_batch=1)
     try:
         rows.append({**measure(off, "request batching off c=16", 16, args.requests, "uniform", size), "engine": "off"})
@@ -450,6 +559,7 @@ def main() -> int:
     report["ratios"] = ratios(report)
     for family in report["families"]:
         report["ratios"].update(family_ratios(family))
+    report["ratios"].update(cache_ratios(report["cache"]))
     (args.out / "bench.json").write_text(json.dumps(report, indent=2))
     _plot(rows, args.out / "bench.png")
     _print(report)
@@ -530,6 +640,8 @@ def _print(report: dict[str, Any]) -> None:
     print(f"long/short: {report['long_short']}")
     print(f"dtypes: {report['dtypes']}")
     print(f"RSS: {report['rss']}")
+    cache = report["cache"]
+    print(f"cache: threshold {cache['threshold']} (probe reuse {cache['probe_reuse']}), pixels {cache['pixels']}")
     print(f"\n{'ratio':<44} {'value':>8}  target")
     for name, entry in report["ratios"].items():
         print(f"{name:<44} {entry['value']:>8}  {entry['target']}")
