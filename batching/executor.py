@@ -475,9 +475,12 @@ def _send_progress(item: WorkItem, event: StepEvent) -> None:
 
 
 def _model_of(tick: Tick) -> str:
+    """The model whose set took the step (a set is one model's), for the tick's metrics."""
+    for key in tick.keys:
+        return key.model
     for item, _ in tick.finished or tick.failed or tick.progress:
         return item.key.model
-    return ""
+    return "unknown"
 
 
 def empty_device_cache() -> None:

@@ -68,6 +68,14 @@ class Generation:
     references: tuple[Any, ...] = ()  # edit: the reference images (PIL RGB, their own sizes), in order
     cache_threshold: float | None = None  # First Block Cache (step engine only), the request's or the model's
 
+    def denoising_steps(self) -> int:
+        """The steps each image takes: all of them, or the pipelines' share of them for a strength
+        (`get_timesteps`: steps - int(steps - min(steps * strength, steps)))."""
+        steps = self.num_inference_steps
+        if self.strength is None:
+            return steps
+        return steps - int(max(steps - min(steps * self.strength, steps), 0))
+
     def seeds(self) -> list[int]:
         """Image i uses seed + i (mod 2**64), so each image is reproducible alone."""
         return [(self.seed + i) % SEED_MODULUS for i in range(self.num_images)]

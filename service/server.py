@@ -74,6 +74,8 @@ class DiffusionServer:
             self.devices = resolve_devices(config.device)
         except ValueError as exc:  # --device cuda on a machine without CUDA
             raise ConfigError(str(exc)) from None
+        self.metrics.describe_build(",".join(sorted(set(self.devices))))
+        self.metrics.watch_device_memory(self.devices)
         if config.compile and not all(device.startswith("cuda") for device in self.devices):
             raise ConfigError(
                 f"--compile needs CUDA devices (it pays only there); serving on {', '.join(self.devices)}"

@@ -126,10 +126,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         limits: Limits,
         encode_threads: int = 2,
         client_id_header: str | None = None,
-        on_results: Callable[[str, Sequence[ItemOutput]], None] | None = None,
+        on_results: Callable[[str, int, Sequence[ItemOutput]], None] | None = None,
     ) -> None:
         self.registry = registry
-        self.on_results = on_results  # each typed task's outputs, with its model's tag (metrics)
+        self.on_results = on_results  # each typed task's outputs, with its model's tag and steps (metrics)
         self.executor = executor
         self.limits = limits
         self.client_id_header = client_id_header
@@ -232,7 +232,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         job = await self._off_loop(validation.generation, request, self.registry, self.limits)
         results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress, self._client(context)))
         if self.on_results is not None:
-            self.on_results(job.served.tag, results)
+            self.on_results(job.served.tag, job.denoising_steps(), results)
         return await self._off_loop(convert.task_response, job, results)
 
     async def _call(self, request: CallRequest, context: Context, on_progress: ProgressCallback | None) -> Any:

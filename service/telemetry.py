@@ -3,6 +3,7 @@ batch reports. Each server has its own CollectorRegistry, so several can run in 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -14,7 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from batching import BatchReport, ItemOutput
 
@@ -39,10 +49,14 @@ class Metrics:
             f"{PREFIX}requests", "RPCs by model, method and status code", ["model", "rpc", "code"], registry=r
         )
         self.latency = Histogram(
-            f"{PREFIX}request_latency_seconds", "RPC latency", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+            f"{PREFIX}request_latency_seconds", "RPC latency", ["model", "rpc"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            f"{PREFIX}queue_wait_seconds", "time items wait in the batch queue", buckets=_LATENCY_BUCKETS, registry=r
+            f"{PREFIX}queue_wait_seconds",
+            "time items wait in the batch queue",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             f"{PREFIX}batch_size", "items per pipeline call or denoising step", buckets=_BATCH_BUCKETS, registry=r
@@ -62,6 +76,28 @@ class Metrics:
         self.inference = Histogram(
             f"{PREFIX}inference_seconds", "pipeline call time", ["model"], buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.tick_seconds = Histogram(
+            f"{PREFIX}tick_seconds",
+            "step-engine tick time: one denoiser call, and the decode of the items it finished",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(f"{PREFIX}images", "images made by the typed tasks", ["model"], registry=r)
+        self.denoising_steps = Counter(
+            f"{PREFIX}denoising_steps", "denoising steps of the typed tasks' images", ["model"], registry=r
+        )
+        self.build_info = Gauge(
+            f"{PREFIX}build_info",
+            "1, labelled with what serves",
+            ["version", "diffusers", "torch", "device"],
+            registry=r,
+        )
+        # The client library's default collectors, on this registry: process_* (CPU, memory, file descriptors),
+        # python_gc_* and python_info.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.in_flight = Gauge(f"{PREFIX}in_flight_requests", "RPCs being served", registry=r)
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "items waiting in the batch queue", registry=r)
         self.models_loaded = Gauge(f"{PREFIX}models_loaded", "models loaded and warm", registry=r)
@@ -72,9 +108,11 @@ class Metrics:
             registry=r,
         )
 
-    def record_results(self, model: str, outputs: Sequence[ItemOutput]) -> None:
-        """A typed task's images: with a feature cache, how many of their steps ran in full and how many reused
-        it (the hit ratio is cached / (computed + cached))."""
+    def record_results(self, model: str, steps: int, outputs: Sequence[ItemOutput]) -> None:
+        """A typed task's images (each of `steps` denoising steps); with a feature cache, how many of their steps
+        ran in full and how many reused it (the hit ratio is cached / (computed + cached))."""
+        self.images.labels(model).inc(len(outputs))
+        self.denoising_steps.labels(model).inc(steps * len(outputs))
         for output in outputs:
             if output.steps_cached is not None:
                 self.cache_steps.labels(model, "computed").inc(output.steps_computed or 0)
@@ -90,9 +128,38 @@ class Metrics:
                 return  # the tick only let cancelled or failed items go
             self.tick_rows.observe(report.size)
             self.batch_size.observe(report.active)
-        else:
-            self.batch_size.observe(report.size)
-        self.inference.labels(report.model).observe(report.run_seconds)
+            self.tick_seconds.labels(report.model or "unknown").observe(report.run_seconds)
+            return
+        self.batch_size.observe(report.size)
+        self.inference.labels(report.model or "unknown").observe(report.run_seconds)
+
+    def watch_device_memory(self, devices: Sequence[str]) -> None:
+        """On CUDA, each device's memory allocated by tensors and reserved by the caching allocator, read at
+        scrape time (the workers are threads of this process)."""
+        cuda = sorted({device for device in devices if device.startswith("cuda")})
+        if not cuda:
+            return
+        memory = Gauge(
+            f"{PREFIX}device_memory_bytes",
+            "CUDA memory allocated by tensors and reserved by the allocator, by device",
+            ["device", "kind"],
+            registry=self.registry,
+        )
+        for device in cuda:
+            memory.labels(device, "allocated").set_function(functools.partial(_cuda_memory, device, "allocated"))
+            memory.labels(device, "reserved").set_function(functools.partial(_cuda_memory, device, "reserved"))
+
+    def describe_build(self, device: str) -> None:
+        """The build-info series: this server's version, diffusers and torch, and the device it serves on."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        def installed(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "unknown"
+
+        self.build_info.labels(installed("diffusers-grpc"), installed("diffusers"), installed("torch"), device).set(1)
 
     def serve_http(self, port: int, host: str) -> Any:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -232,10 +299,10 @@ class _Observation:
             metrics.in_flight.dec()
             # Labels only take values the server knows: a served tag, or "unknown" (never a client's string).
             metrics.requests.labels(s.model or "unknown", s.rpc, code).inc()
-            metrics.latency.labels(s.rpc).observe(elapsed)
+            metrics.latency.labels(s.model or "unknown", s.rpc).observe(elapsed)
             for item in s.items:
                 if item.trace.started:  # it left the queue (to run, or to join the step engine)
-                    metrics.queue_wait.observe(item.trace.queue_wait)
+                    metrics.queue_wait.labels(s.model or "unknown").observe(item.trace.queue_wait)
         fields: dict[str, Any] = {
             "request_id": s.request_id,
             "rpc": s.rpc,
@@ -361,3 +428,10 @@ def _route_to_root(module_name: str) -> None:
     library.disable_default_handler()
     library.enable_propagation()
     library.disable_progress_bar()
+
+
+def _cuda_memory(device: str, kind: str) -> float:
+    import torch
+
+    read = torch.cuda.memory_allocated if kind == "allocated" else torch.cuda.memory_reserved
+    return float(read(device))

@@ -229,8 +229,19 @@ def test_metrics_count_requests_and_fill_the_batch_histogram(store):
     assert _metric(after, "diffusers_grpc_batch_size_count") > _metric(before, "diffusers_grpc_batch_size_count")
     assert _metric(after, "diffusers_grpc_request_latency_seconds_count") >= 7
     assert _metric(after, "diffusers_grpc_queue_wait_seconds_count") >= 6
-    assert _metric(after, "diffusers_grpc_inference_seconds_count") >= 1
+    # The tiny model serves on the step engine: its ticks have their own histogram, labelled with its tag.
+    assert _metric(after, "diffusers_grpc_tick_seconds_count") >= 1
+    assert _metric(after, "diffusers_grpc_inference_seconds_count") == 0
     assert "diffusers_grpc_in_flight_requests 0.0" in after and "diffusers_grpc_queue_depth 0.0" in after
+    assert 'model=""' not in after  # every series names a served tag, or "unknown"
+    images = _metric(after, "diffusers_grpc_images_total") - _metric(before, "diffusers_grpc_images_total")
+    steps = _metric(after, "diffusers_grpc_denoising_steps_total") - _metric(
+        before, "diffusers_grpc_denoising_steps_total"
+    )
+    assert (images, steps) == (6, 24)  # six images of four steps
+    assert _metric(after, "process_resident_memory_bytes") > 0 and "python_info{" in after
+    build = next(line for line in after.splitlines() if line.startswith("diffusers_grpc_build_info{"))
+    assert 'device="cpu"' in build and 'diffusers="0.42' in build and build.endswith(" 1.0")
 
 
 def test_request_id_is_echoed_and_logged_without_the_prompt(store, caplog):
