@@ -95,7 +95,9 @@ def _call(function: Callable[..., Any], kwargs: dict[str, Any], key: BatchKey) -
     except Exception as exc:
         if is_out_of_memory(exc):
             raise
-        log.warning("%s.%s rejected a Call's arguments", key.model, key.signature, exc_info=True)
+        # The client's error, in one line: tracebacks are for our own bugs.
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        log.warning("%s.%s rejected a Call's arguments: %s: %s", key.model, key.signature, type(exc).__name__, first)
         # Our own errors speak to the client; a library's message stays in the log (never verbatim to clients).
         said = f": {str(exc).splitlines()[0][:200]}" if getattr(exc, "client_message", False) and str(exc) else ""
         raise CallRejected(f"{key.signature} failed on these arguments ({type(exc).__name__}{said})") from exc

@@ -3,6 +3,7 @@ batch reports. Each server has its own CollectorRegistry, so several can run in 
 
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib
 import json
@@ -328,7 +329,7 @@ class _Observation:
 
     def _format(self, fields: dict[str, Any]) -> str:
         if self.owner.json_logs:
-            return json.dumps({"event": "request", **fields})
+            return json.dumps(fields)
         return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
@@ -349,15 +350,31 @@ def _code_name(context: Any, kind: type[BaseException] | None) -> str:
     return "UNKNOWN"
 
 
+def rfc3339(record: logging.LogRecord) -> str:
+    """The record's time in RFC 3339, UTC, to the millisecond: `2026-12-01T07:37:55.625Z`."""
+    moment = datetime.datetime.fromtimestamp(record.created, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _request_id() -> str | None:
+    """The id of the request whose context logs this line, if any (worker threads have none)."""
+    request = scope.current.get()
+    return request.request_id if request is not None else None
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message (request lines are JSON already)."""
+    """One JSON object per log line: time (RFC 3339, UTC), level, logger, message, and the request id when the
+    line is logged for a request. Request lines add their fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if record.name == log.name and message.startswith("{"):  # a request line, JSON already
-            return message
-        message = bounded(message)
-        data = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": message}
+        data: dict[str, Any] = {"time": rfc3339(record), "level": record.levelname, "logger": record.name}
+        if record.name == log.name and message.startswith("{"):  # a request line: its fields, already JSON
+            return json.dumps({**data, "message": "request", **json.loads(message)})
+        data["message"] = bounded(message)
+        request_id = _request_id()
+        if request_id:
+            data["request_id"] = request_id
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
@@ -367,9 +384,15 @@ class TextFormatter(logging.Formatter):
     """One line per message, whatever it holds: control characters (a newline in a client's string) are escaped.
     A traceback, added after the message, keeps its lines."""
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return rfc3339(record)
+
     def format(self, record: logging.LogRecord) -> str:
         message, args = record.msg, record.args
         escaped = _CONTROL.sub(lambda m: repr(m.group())[1:-1], bounded(record.getMessage()))
+        request_id = _request_id()
+        if request_id and record.name != log.name:  # request lines carry theirs already
+            escaped += f" request_id={request_id}"
         record.msg, record.args = escaped, None
         try:
             return super().format(record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import grpc
@@ -162,3 +163,13 @@ def test_cancelling_a_stream_stops_its_work_at_the_next_step(store, batching):
             wait_for(lambda: server.stats.outcomes["cancelled"] == 1, what="the item to leave")
             assert server.stats.outcomes["tick"] < 150  # it never ran its 150 steps
         assert client.text_to_image("after", seed=1, steps=2).images  # and the worker serves on
+
+
+def test_arguments_the_pipeline_rejects_are_logged_in_one_line_without_a_traceback(client, caplog):
+    """A client's bad values are the client's error: one line in the log; tracebacks are for our own bugs."""
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.call("__call__", {"prompt": "x", "num_inference_steps": 1, "height": 60, "width": 60})
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    rejected = [r for r in caplog.records if "rejected a Call's arguments" in r.getMessage()]
+    assert rejected and all(r.exc_info is None and "\n" not in r.getMessage() for r in rejected)

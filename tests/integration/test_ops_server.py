@@ -4,8 +4,10 @@ readiness during a slow load and during a drain, and a dying worker."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
+import re
 import socket
 import stat
 import threading
@@ -443,3 +445,34 @@ def test_health_list_answers_every_service_status(store):
         reply = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=10)
     assert reply.statuses[""].status == SERVING
     assert reply.statuses["diffusion.v1.DiffusionService"].status == SERVING
+
+
+def test_json_logs_carry_time_level_logger_message_and_the_request_id(store, caplog):
+    """`--log-format json`: request lines and every other line alike, in RFC 3339 UTC time."""
+    from service.telemetry import JsonFormatter, TextFormatter
+
+    caplog.set_level(logging.INFO)
+    with running_server(store, log_format="json") as (_, target), DiffusionClient(target) as client:
+        client.stub.TextToImage(
+            pb.TextToImageRequest(prompt="x", params=pb.GenerationParams(seed=1, num_inference_steps=2)),
+            metadata=[("x-request-id", "req-77")],
+            timeout=30,
+        )
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(record)) for record in caplog.records]
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(line), line
+        assert stamp.fullmatch(line["time"]), line["time"]
+    request = next(line for line in lines if line.get("request_id") == "req-77" and line["message"] == "request")
+    assert (request["level"], request["logger"], request["code"]) == ("INFO", "diffusers_grpc.requests", "OK")
+    # A line logged while a request is being served names it, in JSON and in text.
+    from service import scope
+
+    token = scope.current.set(scope.RequestScope("req-78", "TextToImage"))
+    try:
+        record = logging.LogRecord("diffusers", logging.WARNING, "", 0, "something odd", None, None)
+        assert json.loads(formatter.format(record))["request_id"] == "req-78"
+        assert TextFormatter("%(asctime)s %(message)s").format(record).endswith("something odd request_id=req-78")
+    finally:
+        scope.current.reset(token)
