@@ -144,6 +144,10 @@ class Executor:
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The executor's clock (its items' times are on it)."""
+        return self._clock()
+
     def start(self) -> None:
         for name, factory in self._factories:
             thread = threading.Thread(target=self._work, args=(name, factory), name=f"worker-{name}", daemon=True)

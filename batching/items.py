@@ -105,6 +105,9 @@ class ItemTrace:
     started: float = 0.0
     finished: float = 0.0
     batch_size: int = 0
+    # (start, end, rows, items) of each step-engine tick it took part in, on the engine's clock, when its request
+    # is traced; None (nothing recorded, no cost) otherwise.
+    ticks: list[tuple[float, float, int, int]] | None = None
 
     @property
     def run_seconds(self) -> float:

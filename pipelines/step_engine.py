@@ -172,6 +172,9 @@ class StepEngine:
         with self.device.running(synchronize=False):
             self._advance(tracks, noise, tick)
         tick.seconds = self.clock() - started
+        for track in tracks:  # traced requests keep their ticks, for their spans
+            if track.item.trace.ticks is not None:
+                track.item.trace.ticks.append((started, started + tick.seconds, rows, len(tracks)))
         self._finish(group, tick)
         return tick
 

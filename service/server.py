@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from batching import BatchReport
 from model_store import ModelStore
 
+from . import tracing
 from .config import ConfigError, ServerConfig
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
@@ -61,9 +62,15 @@ class DiffusionServer:
     """One gRPC server over the models named in the config. Use `start`, `wait_ready`, `stop`."""
 
     def __init__(
-        self, config: ServerConfig, store: ModelStore | None = None, factory: Factory = backend_factory
+        self,
+        config: ServerConfig,
+        store: ModelStore | None = None,
+        factory: Factory = backend_factory,
+        tracer_provider: Any = None,
     ) -> None:
+        """`tracer_provider`: OpenTelemetry's, else the one the `OTEL_*` environment asks for (none: off)."""
         self.config = config
+        self.tracer_provider = tracer_provider if tracer_provider is not None else tracing.configure()
         self.store = store or ModelStore()
         swept = self.store.sweep_staging()  # what crashed imports left in .tmp
         if swept:
@@ -91,11 +98,14 @@ class DiffusionServer:
             Limits.of(config),
             client_id_header=config.client_id_header,
             on_results=self.metrics.record_results,
+            spans=tracing.RequestSpans(self.tracer_provider),
         )
         self.health = BoundedHealthServicer()
         self.telemetry = TelemetryInterceptor(self.metrics, config.log_format == "json")
         # Telemetry first (outermost): a call the token check refuses is still logged and counted.
         interceptors: list[grpc.aio.ServerInterceptor] = [self.telemetry]
+        if self.tracer_provider is not None:  # the RPC span, under the client's traceparent, around everything
+            interceptors.insert(0, tracing.server_interceptor(self.tracer_provider))
         self.auth = TokenAuthInterceptor(config.auth_token) if config.auth_token else None
         if self.auth is not None:
             interceptors.append(self.auth)
@@ -273,6 +283,8 @@ class DiffusionServer:
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.servicer.close()
+        if self.tracer_provider is not None:  # the last spans out before the process goes
+            await asyncio.to_thread(self.tracer_provider.shutdown)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         if self.config.uds:

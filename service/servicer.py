@@ -29,6 +29,7 @@ from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 from .registry import ModelRegistry, ServedModel
 from .security import peer_address
+from .tracing import RequestSpans
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,10 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         encode_threads: int = 2,
         client_id_header: str | None = None,
         on_results: Callable[[str, int, Sequence[ItemOutput]], None] | None = None,
+        spans: RequestSpans | None = None,
     ) -> None:
         self.registry = registry
+        self.spans = spans or RequestSpans(None)  # our spans under each RPC's, when tracing is on
         self.on_results = on_results  # each typed task's outputs, with its model's tag and steps (metrics)
         self.executor = executor
         self.limits = limits
@@ -229,17 +232,30 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
         self, request: TaskRequest, context: Context, on_progress: ProgressCallback | None
     ) -> convert.TypedResponse:
         self._resolve(request.model)
-        job = await self._off_loop(validation.generation, request, self.registry, self.limits)
-        results = await self._submit_and_wait(job.work_items(_deadline(context), on_progress, self._client(context)))
+        with self.spans.span("validate"):
+            job = await self._off_loop(validation.generation, request, self.registry, self.limits)
+        items = job.work_items(_deadline(context), on_progress, self._client(context))
+        results = await self._traced_run(items, job.served.engines.get(job.signature.name, "request"))
         if self.on_results is not None:
             self.on_results(job.served.tag, job.denoising_steps(), results)
-        return await self._off_loop(convert.task_response, job, results)
+        with self.spans.span("encode", images=len(results)):
+            return await self._off_loop(convert.task_response, job, results)
 
     async def _call(self, request: CallRequest, context: Context, on_progress: ProgressCallback | None) -> Any:
         self._resolve(request.model)
-        job = await self._off_loop(call_validation.call_job, request, self.registry, self.limits)
-        (result,) = await self._submit_and_wait(job.work_items(_deadline(context), on_progress, self._client(context)))
-        return await self._off_loop(convert.call_response, job, result)
+        with self.spans.span("validate"):
+            job = await self._off_loop(call_validation.call_job, request, self.registry, self.limits)
+        (result,) = await self._traced_run(job.work_items(_deadline(context), on_progress, self._client(context)))
+        with self.spans.span("encode"):
+            return await self._off_loop(convert.call_response, job, result)
+
+    async def _traced_run(self, items: Sequence[WorkItem], engine: str = "request") -> list[Any]:
+        """Run the items; when tracing is on, their queue waits and denoising become spans, whatever the end."""
+        self.spans.watch(items)
+        try:
+            return await self._submit_and_wait(items)
+        finally:
+            self.spans.record(items, engine, self.executor.now())
 
     def _client(self, context: Context) -> str:
         """Who asks, for the queue's per-client share: the operator's header when it names one (cut, as any client

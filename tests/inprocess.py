@@ -38,10 +38,13 @@ def running_server(store: ModelStore, wait: bool = True, **config: Any) -> Itera
     """Start a server over `store` (port 0 on 127.0.0.1); yields (server, target) and stops it after."""
     loop = LoopThread()
     factory = config.pop("factory", None)
+    tracer_provider = config.pop("tracer_provider", None)
     cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "device": "cpu", **config})
 
     async def build() -> DiffusionServer:
-        return DiffusionServer(cfg, store, factory) if factory else DiffusionServer(cfg, store)
+        if factory:
+            return DiffusionServer(cfg, store, factory, tracer_provider=tracer_provider)
+        return DiffusionServer(cfg, store, tracer_provider=tracer_provider)
 
     server = loop.run(build())
     port = loop.run(server.start())
