@@ -266,6 +266,7 @@ def model_info(served: ServedModel) -> pb.ModelInfo:
         labels=dict(model.info.labels),
         default_scheduler=served.defaults.scheduler,
         dtype=served.dtype,
+        dtype_enum=_enum(pb.Dtype, "DTYPE", served.dtype),
         control_inputs=served.control_inputs,
         load_options=model.effective_options().shown(),
         adapters=served.adapters.names(),
@@ -282,12 +283,22 @@ def signature_info(served: ServedModel, signature: Any) -> pb.SignatureInfo:
         batchable=signature.batchable,
         batch_dim=signature.batch_dim,
         task=signature.task,
+        task_enum=_enum(pb.Task, "TASK", signature.task),
         engine=served.engines[signature.name],
+        engine_enum=_enum(pb.Engine, "ENGINE", served.engines[signature.name]),
         default_num_inference_steps=int(served.default(signature.name, "num_inference_steps", 0)),
         default_guidance_scale=float(served.default(signature.name, "guidance_scale", 0.0)),
         default_height=height,
         default_width=width,
     )
+
+
+def _enum(enum: Any, prefix: str, value: str) -> Any:
+    """The closed-set value beside a reported string ("text2img" -> TASK_TEXT2IMG); UNSPECIFIED for one the
+    enum does not list yet."""
+    name = f"{prefix}_{value.upper()}"
+    found = enum.DESCRIPTOR.values_by_name.get(name)
+    return int(found.number) if found is not None else 0
 
 
 def image_message(image: Image.Image, mime_type: str, quality: int | None, text: Mapping[str, str]) -> pb.Image:

@@ -80,6 +80,10 @@ def picture(seed: int, side: int = 16) -> bytes:
 def test_flux_and_sd3_are_on_the_step_engine_and_report_their_pipelines_defaults(client):
     flux = client.stub.GetModel(pb.GetModelRequest(model="tiny-flux"), timeout=30).model
     assert {s.name: s.engine for s in flux.signatures} == {"__call__": "step", "img2img": "step"}
+    # The closed sets beside the strings.
+    assert {s.engine_enum for s in flux.signatures} == {pb.ENGINE_STEP}
+    assert [s.task_enum for s in flux.signatures] == [pb.TASK_TEXT2IMG, pb.TASK_IMG2IMG]
+    assert (flux.dtype, flux.dtype_enum) == ("float32", pb.DTYPE_FLOAT32)
     assert (flux.default_num_inference_steps, flux.default_guidance_scale) == (28, 3.5)  # FluxPipeline.__call__'s
     assert (flux.default_height, flux.default_width) == (128, 128)  # default_sample_size 128 x vae_scale_factor 1
     img2img = next(s for s in flux.signatures if s.name == "img2img")
@@ -88,7 +92,9 @@ def test_flux_and_sd3_are_on_the_step_engine_and_report_their_pipelines_defaults
     assert {s.engine for s in sd3.signatures} == {"step"}
     assert (sd3.default_height, sd3.default_guidance_scale) == (32, 7.0)
     edit = client.stub.GetModel(pb.GetModelRequest(model="tiny-pix2pix"), timeout=30).model
-    assert [s.task for s in edit.signatures] == ["edit"]
+    assert [(s.task, s.task_enum, s.engine_enum) for s in edit.signatures] == [
+        ("edit", pb.TASK_EDIT, pb.ENGINE_REQUEST)
+    ]
 
 
 FLUX_REQUESTS = [

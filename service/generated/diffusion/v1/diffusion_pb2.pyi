@@ -51,6 +51,72 @@ OUTPUT_FORMAT_WEBP: OutputFormat.ValueType  # 3
 """WebP; `quality` applies."""
 Global___OutputFormat: _TypeAlias = OutputFormat  # noqa: Y015
 
+class _Task:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_UNSPECIFIED: _Task.ValueType  # 0
+    TASK_TEXT2IMG: _Task.ValueType  # 1
+    TASK_IMG2IMG: _Task.ValueType  # 2
+    TASK_INPAINT: _Task.ValueType  # 3
+    TASK_EDIT: _Task.ValueType  # 4
+    TASK_CUSTOM: _Task.ValueType  # 5
+    """Anything else: served through Call (formerly "other")."""
+
+class Task(_Task, metaclass=_TaskEnumTypeWrapper):
+    """A signature's task (SignatureInfo.task)."""
+
+TASK_UNSPECIFIED: Task.ValueType  # 0
+TASK_TEXT2IMG: Task.ValueType  # 1
+TASK_IMG2IMG: Task.ValueType  # 2
+TASK_INPAINT: Task.ValueType  # 3
+TASK_EDIT: Task.ValueType  # 4
+TASK_CUSTOM: Task.ValueType  # 5
+"""Anything else: served through Call (formerly "other")."""
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
+class _Engine:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EngineEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Engine.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENGINE_UNSPECIFIED: _Engine.ValueType  # 0
+    ENGINE_REQUEST: _Engine.ValueType  # 1
+    ENGINE_STEP: _Engine.ValueType  # 2
+
+class Engine(_Engine, metaclass=_EngineEnumTypeWrapper):
+    """How a signature's requests are batched (SignatureInfo.engine)."""
+
+ENGINE_UNSPECIFIED: Engine.ValueType  # 0
+ENGINE_REQUEST: Engine.ValueType  # 1
+ENGINE_STEP: Engine.ValueType  # 2
+Global___Engine: _TypeAlias = Engine  # noqa: Y015
+
+class _Dtype:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DTYPE_UNSPECIFIED: _Dtype.ValueType  # 0
+    DTYPE_FLOAT32: _Dtype.ValueType  # 1
+    DTYPE_FLOAT16: _Dtype.ValueType  # 2
+    DTYPE_BFLOAT16: _Dtype.ValueType  # 3
+    DTYPE_FLOAT64: _Dtype.ValueType  # 4
+
+class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
+    """The torch dtype a model runs in (ModelInfo.dtype)."""
+
+DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
+DTYPE_FLOAT32: Dtype.ValueType  # 1
+DTYPE_FLOAT16: Dtype.ValueType  # 2
+DTYPE_BFLOAT16: Dtype.ValueType  # 3
+DTYPE_FLOAT64: Dtype.ValueType  # 4
+Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
+
 @_typing.final
 class Image(_message.Message):
     """An encoded image, in a request or a response."""
@@ -1230,6 +1296,7 @@ class ModelInfo(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     DEFAULT_NUM_INFERENCE_STEPS_FIELD_NUMBER: _builtins.int
     DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
+    DTYPE_ENUM_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """Full tag, `name:version`."""
     pipeline_class: _builtins.str
@@ -1248,6 +1315,8 @@ class ModelInfo(_message.Message):
     """Denoising steps of a request that gives none (its text-to-image signature's; see SignatureInfo)."""
     default_guidance_scale: _builtins.float
     """Guidance scale of a request that gives none (its text-to-image signature's; see SignatureInfo)."""
+    dtype_enum: Global___Dtype.ValueType
+    """`dtype` as a closed set (the string stays)."""
     @_builtins.property
     def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SignatureInfo]:
         """The signatures a client may call."""
@@ -1285,10 +1354,11 @@ class ModelInfo(_message.Message):
         adapters: _abc.Iterable[_builtins.str] | None = ...,
         default_num_inference_steps: _builtins.int = ...,
         default_guidance_scale: _builtins.float = ...,
+        dtype_enum: Global___Dtype.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "control_inputs", b"control_inputs", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "control_inputs", b"control_inputs", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "dtype", b"dtype", "dtype_enum", b"dtype_enum", "labels", b"labels", "load_options", b"load_options", "pipeline_class", b"pipeline_class", "schedulers", b"schedulers", "signatures", b"signatures", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1309,6 +1379,8 @@ class SignatureInfo(_message.Message):
     DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     DEFAULT_HEIGHT_FIELD_NUMBER: _builtins.int
     DEFAULT_WIDTH_FIELD_NUMBER: _builtins.int
+    TASK_ENUM_FIELD_NUMBER: _builtins.int
+    ENGINE_ENUM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Method name, such as `__call__` or `text2img`."""
     batchable: _builtins.bool
@@ -1331,6 +1403,10 @@ class SignatureInfo(_message.Message):
     """The output height it makes when a request gives none."""
     default_width: _builtins.int
     """The output width it makes when a request gives none."""
+    task_enum: Global___Task.ValueType
+    """`task` as a closed set (the string stays; a value added later reads as TASK_UNSPECIFIED here)."""
+    engine_enum: Global___Engine.ValueType
+    """`engine` as a closed set."""
     def __init__(
         self,
         *,
@@ -1343,10 +1419,12 @@ class SignatureInfo(_message.Message):
         default_guidance_scale: _builtins.float = ...,
         default_height: _builtins.int = ...,
         default_width: _builtins.int = ...,
+        task_enum: Global___Task.ValueType = ...,
+        engine_enum: Global___Engine.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim", b"batch_dim", "batchable", b"batchable", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "engine", b"engine", "name", b"name", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_dim", b"batch_dim", "batchable", b"batchable", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "engine", b"engine", "engine_enum", b"engine_enum", "name", b"name", "task", b"task", "task_enum", b"task_enum"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
