@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "service" / "generated"
 PACKAGE = "service.generated"
+DESCRIPTORS = "descriptors.binpb"  # a FileDescriptorSet of protos/, with source info
 
 
 def generate(out: Path) -> None:
@@ -39,6 +40,9 @@ def generate(out: Path) -> None:
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        # The descriptors with their comments, for reflection (grpcurl describe shows each field's docs).
+        f"--descriptor_set_out={out / DESCRIPTORS}",
+        "--include_source_info",
         *protos,
     ]
     if protoc.main(args) != 0:

@@ -26,6 +26,7 @@ from . import tracing
 from .config import ConfigError, ServerConfig
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+from .reflection import add_documented_reflection
 from .registry import ModelRegistry, ServedModel, resolve_dtype
 from .security import BoundedHealthServicer, TokenAuthInterceptor, server_credentials
 from .servicer import DiffusionServicer
@@ -159,7 +160,7 @@ class DiffusionServer:
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             )
-            reflection.enable_server_reflection(names, self.server)
+            add_documented_reflection(names, self.server)
         address = f"{self.config.host}:{self.config.port}"
         credentials = server_credentials(self.config)
         port = _bind(self.server, address, "--port", credentials)

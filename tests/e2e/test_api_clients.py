@@ -129,6 +129,7 @@ def test_node_client_calls_text_to_image_and_stream(target):
     assert reply["model"].startswith("tiny-sd:")
     assert reply["steps"] == [1, 2, 3]
     assert reply["streamedData"] == reply["data"]  # Stream's result equals the unary result for the seed
+    assert (reply["callSeed"], reply["callWidth"]) == ("77", 64)  # Call, with its Struct built in JavaScript
 
 
 def test_generate_cli_covers_the_three_tasks_and_progress(target, tmp_path):

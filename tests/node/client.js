@@ -1,6 +1,6 @@
 // A Node.js client of diffusion.v1.DiffusionService, built from the .proto at run time (@grpc/proto-loader).
 // Usage: node tests/node/client.js HOST:PORT
-// Prints one JSON line: what TextToImage and Stream returned, for the Python test to check.
+// Prints one JSON line: what TextToImage, Stream and Call returned, for the Python test to check.
 "use strict";
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
@@ -41,9 +41,23 @@ function stream() {
   });
 }
 
+// Call's `arguments` is a google.protobuf.Struct: with proto-loader, each value is a Value message of its kind
+// (stringValue, numberValue, boolValue, listValue, structValue). Integral numbers reach int parameters as ints.
+function call() {
+  return new Promise((resolve, reject) => {
+    const request = {
+      signature: "__call__",
+      arguments: { fields: { prompt: { stringValue: "a lighthouse" }, num_inference_steps: { numberValue: 3 } } },
+      seed: "77",
+    };
+    client.Call(request, { deadline: Date.now() + 60000 }, (error, reply) => (error ? reject(error) : resolve(reply)));
+  });
+}
+
 (async () => {
   const unary = await textToImage();
   const streamed = await stream();
+  const called = await call();
   const image = unary.images[0];
   console.log(
     JSON.stringify({
@@ -55,6 +69,8 @@ function stream() {
       data: image.image.data.toString("base64"),
       steps: streamed.steps,
       streamedData: streamed.result.images[0].image.data.toString("base64"),
+      callSeed: called.images[0].seed,
+      callWidth: called.images[0].image.width,
     })
   );
   client.close();
