@@ -240,6 +240,8 @@ class Clients:
             output_format=rng.choice((pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_JPEG, pb.OUTPUT_FORMAT_WEBP)),
         )
         prompt = rng.choice(PROMPTS)
+        if not prompt.strip() and kind not in ("image_to_image", "inpaint"):
+            prompt = PROMPTS[0]  # a text-to-image request without a prompt is INVALID_ARGUMENT naming it
         try:
             if kind == "text_to_image":
                 await stub.TextToImage(pb.TextToImageRequest(prompt=prompt, params=params), timeout=TIMEOUT)
