@@ -133,8 +133,8 @@ def _head(block: Any, call: _Call) -> Callable[..., Any]:
         call.compute = []
         for row, cache in enumerate(call.caches):
             compute = cache is None or cache.should_compute(residual[row : row + 1])
-            if cache is not None and compute:
-                cache.head_residual = residual[row : row + 1]
+            if cache is not None and compute:  # a copy: a view would keep the whole call's tensor alive
+                cache.head_residual = residual[row : row + 1].clone()
             call.compute.append(compute)
         call.head_hidden, call.head_encoder = hidden, encoder
         return output
