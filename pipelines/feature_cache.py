@@ -89,8 +89,11 @@ def first_block_cache(
     if not any(cache is not None for cache in caches):
         yield
         return
-    call = _Call(caches, narrowed or (lambda rows: contextlib.nullcontext()))
     blocks = transformer_blocks(transformer)
+    if len(blocks) < 2:  # no tail to skip (diffusers' hook refuses such a model too): every row in full
+        yield
+        return
+    call = _Call(caches, narrowed or (lambda rows: contextlib.nullcontext()))
     wrapped = [(blocks[0], _head(blocks[0], call))]
     wrapped += [(block, _rest(block, call, tail=False)) for block in blocks[1:-1]]
     wrapped.append((blocks[-1], _rest(blocks[-1], call, tail=True)))
