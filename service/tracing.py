@@ -66,10 +66,6 @@ class RequestSpans:
     def __init__(self, provider: Any) -> None:
         self.tracer = provider.get_tracer(TRACER) if provider is not None else None
 
-    @property
-    def enabled(self) -> bool:
-        return self.tracer is not None
-
     def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
         """A live span in the current context (the RPC's), or nothing when tracing is off."""
         if self.tracer is None:
