@@ -4,6 +4,7 @@ pass to a signature (its parameters, from `model_store.interface`; its tokenizer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -100,11 +101,22 @@ class ServedModel:
     def cacheable(self, signature: str) -> bool:
         """Whether the signature offers a First Block Cache: on the step engine, for the pipelines diffusers'
         own hook runs in (`pipelines.feature_cache.CACHEABLE_PIPELINES`)."""
+        return signature in self._cacheable
+
+    @functools.cached_property
+    def _cacheable(self) -> frozenset[str]:
         from pipelines.feature_cache import CACHEABLE_PIPELINES
 
-        task_class = _task_class(self.pipeline_class, self.model.signatures[signature])
-        engine = self.engines.get(signature)
-        return engine == "step" and task_class is not None and task_class.__name__ in CACHEABLE_PIPELINES
+        found = set()
+        for name, signature in self.model.signatures.items():
+            task_class = _task_class(self.pipeline_class, signature)
+            if (
+                self.engines.get(name) == "step"
+                and task_class is not None
+                and task_class.__name__ in CACHEABLE_PIPELINES
+            ):
+                found.add(name)
+        return frozenset(found)
 
     @property
     def default_cache_threshold(self) -> float | None:
