@@ -20,9 +20,24 @@ DESCRIPTORS = "descriptors.binpb"
 
 
 def documented_files() -> dict[str, bytes]:
-    """Our .proto files' FileDescriptorProtos with source info, serialized, by file name."""
+    """Our .proto files' FileDescriptorProtos with source info, serialized, by file name.
+
+    protoc writes each field's `json_name` into a descriptor set; the runtime descriptors reflection served
+    before had none, and grpcurl then prints the proto's own field names. They are removed, so its JSON output
+    keeps those names (`text_to_image`, not `textToImage`)."""
     data = resources.files("service.generated").joinpath(DESCRIPTORS).read_bytes()
-    return {file.name: file.SerializeToString() for file in descriptor_pb2.FileDescriptorSet.FromString(data).file}
+    files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    for file in files:
+        for message in file.message_type:
+            _without_json_names(message)
+    return {file.name: file.SerializeToString() for file in files}
+
+
+def _without_json_names(message: Any) -> None:
+    for field in message.field:
+        field.ClearField("json_name")
+    for nested in message.nested_type:
+        _without_json_names(nested)
 
 
 class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[misc,name-defined]

@@ -512,4 +512,4 @@ def test_the_readmes_grpcurl_call_example_runs(store):
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout  # fmt: skip
     image = json.loads(reply)["images"][0]
-    assert image["seed"] == "7" and image["image"]["mimeType"] == "image/png"
+    assert image["seed"] == "7" and image["image"]["mime_type"] == "image/png"  # the proto's own names
