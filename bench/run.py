@@ -179,12 +179,14 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     def metrics(self) -> dict[str, float]:
+        """Each series' value, summed over its labels."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
         values: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith("diffusers_grpc_") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
+            if line.startswith("diffusers_grpc_"):
+                series, value = line.rsplit(" ", 1)
+                name = series.split("{", 1)[0]
+                values[name] = values.get(name, 0.0) + float(value)
         return values
 
     def counter(self, name: str, **labels: str) -> float:

@@ -60,10 +60,14 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            f"{PREFIX}batch_size", "items per pipeline call or denoising step", buckets=_BATCH_BUCKETS, registry=r
+            f"{PREFIX}batch_size",
+            "items per pipeline call or denoising step",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.tick_rows = Histogram(
-            f"{PREFIX}tick_rows", "UNet rows per step-engine tick", buckets=_BATCH_BUCKETS, registry=r
+            f"{PREFIX}tick_rows", "denoiser rows per step-engine tick", ["model"], buckets=_BATCH_BUCKETS, registry=r
         )
         self.active_items = Gauge(
             f"{PREFIX}active_items", "items the step engine holds, by worker", ["worker"], registry=r
@@ -127,12 +131,14 @@ class Metrics:
                 self.join_wait.observe(wait)
             if not report.size:
                 return  # the tick only let cancelled or failed items go
-            self.tick_rows.observe(report.size)
-            self.batch_size.observe(report.active)
-            self.tick_seconds.labels(report.model or "unknown").observe(report.run_seconds)
+            model = report.model or "unknown"
+            self.tick_rows.labels(model).observe(report.size)
+            self.batch_size.labels(model).observe(report.active)
+            self.tick_seconds.labels(model).observe(report.run_seconds)
             return
-        self.batch_size.observe(report.size)
-        self.inference.labels(report.model or "unknown").observe(report.run_seconds)
+        model = report.model or "unknown"
+        self.batch_size.labels(model).observe(report.size)
+        self.inference.labels(model).observe(report.run_seconds)
 
     def watch_device_memory(self, devices: Sequence[str]) -> None:
         """On CUDA, each device's memory allocated by tensors and reserved by the caching allocator, read at
