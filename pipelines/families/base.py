@@ -221,6 +221,19 @@ def resolution_shift(config: Any, image_seq_len: int, max_shift: float) -> float
     )
 
 
+def text_rows(embeds: Sequence[Any], specs: Sequence[StepInputs], second_row: Any) -> list[Conditioning]:
+    """Each item's rows as a list, from texts encoded as [every item's prompt, then the negative prompt of each
+    item with `second_row(spec)`]: its prompt's, then its negative's (Qwen-Image, Z-Image)."""
+    result, negative = [], len(specs)
+    for index, spec in enumerate(specs):
+        rows = [embeds[index]]
+        if second_row(spec):
+            rows.append(embeds[negative])
+            negative += 1
+        result.append(Conditioning(rows))
+    return result
+
+
 def join_rows(parts: Sequence[Any]) -> Any:
     """One denoiser input from every item's rows: tensors concatenate along dim 0; lists (rows whose lengths
     differ, such as Qwen-Image's and Z-Image's text) are joined, for the family's `denoise` to pad or pass on."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from model_store.interface import IMG2IMG, TEXT2IMG
 
-from .base import Conditioning, Start, StepInputs, Track, one_per_item, resolution_shift, scheduler_on
+from .base import Conditioning, Start, StepInputs, Track, one_per_item, resolution_shift, scheduler_on, text_rows
 
 QWEN_IMAGE_CLASSES = {"QwenImagePipeline": TEXT2IMG, "QwenImageImg2ImgPipeline": IMG2IMG}
 DEFAULT_TRUE_CFG_SCALE = 4.0  # QwenImagePipeline.__call__'s
@@ -63,14 +63,7 @@ class QwenImage:
             )
             for position, index in enumerate(indices):
                 embeds[index] = rows[position : position + 1]
-        result, negative = [], len(specs)
-        for index, spec in enumerate(specs):
-            rows = [embeds[index]]
-            if true_cfg(spec):
-                rows.append(embeds[negative])
-                negative += 1
-            result.append(Conditioning(rows))
-        return result
+        return text_rows(embeds, specs, true_cfg)
 
     def start(
         self, pipe: Any, spec: StepInputs, scheduler: Any, generator: Any, device: Any, conditioning: Conditioning

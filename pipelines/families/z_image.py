@@ -15,7 +15,7 @@ from typing import Any
 
 from model_store.interface import IMG2IMG, TEXT2IMG
 
-from .base import Conditioning, Start, StepInputs, Track, one_per_item, resolution_shift, scheduler_on
+from .base import Conditioning, Start, StepInputs, Track, one_per_item, resolution_shift, scheduler_on, text_rows
 
 Z_IMAGE_CLASSES = {"ZImagePipeline": TEXT2IMG, "ZImageImg2ImgPipeline": IMG2IMG}
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline.__call__'s
@@ -53,14 +53,7 @@ class ZImage:
         embeds, _ = base.encode_prompt(
             prompt=texts, device=device, do_classifier_free_guidance=False, max_sequence_length=length
         )
-        result, negative = [], len(specs)
-        for index, spec in enumerate(specs):
-            rows = [embeds[index]]
-            if cfg(spec):
-                rows.append(embeds[negative])
-                negative += 1
-            result.append(Conditioning(rows))
-        return result
+        return text_rows(embeds, specs, cfg)
 
     def start(
         self, pipe: Any, spec: StepInputs, scheduler: Any, generator: Any, device: Any, conditioning: Conditioning
