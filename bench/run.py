@@ -411,20 +411,26 @@ def cache_axis(home: Path, device: str, requests: int) -> dict[str, Any]:
     return rows
 
 
+def _cache_request(model: str, size: int, seed: int, threshold: float | None) -> Any:
+    """The cache axis's TextToImage: First Block Cache at `threshold`, or none."""
+    from service.generated.diffusion.v1 import diffusion_pb2 as pb
+
+    cache = pb.Cache(method="none") if threshold is None else pb.Cache(method="first_block", threshold=threshold)
+    params = pb.GenerationParams(
+        seed=seed, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=size, width=size,
+        max_sequence_length=FAMILY_TEXT_LENGTH, cache=cache,
+    )  # fmt: skip
+    return pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params)
+
+
 def _served_reuse(target: str, model: str, size: int, threshold: float) -> float:
     import grpc
 
-    from service.generated.diffusion.v1 import diffusion_pb2 as pb
     from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
-        params = pb.GenerationParams(
-            seed=1, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=size, width=size,
-            max_sequence_length=FAMILY_TEXT_LENGTH, cache=pb.Cache(method="first_block", threshold=threshold),
-        )  # fmt: skip
-        reply = pb_grpc.DiffusionServiceStub(channel).TextToImage(
-            pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params), timeout=600
-        )
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        reply = stub.TextToImage(_cache_request(model, size, 1, threshold), timeout=600)
     return reply.steps_cached / STEPS
 
 
@@ -436,7 +442,6 @@ def _cache_pixels(target: str, model: str, size: int, threshold: float) -> dict[
     import numpy as np
     from PIL import Image
 
-    from service.generated.diffusion.v1 import diffusion_pb2 as pb
     from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
     differences = []
@@ -444,12 +449,8 @@ def _cache_pixels(target: str, model: str, size: int, threshold: float) -> dict[
         stub = pb_grpc.DiffusionServiceStub(channel)
         for seed in range(4):
             images = []
-            for cache in (pb.Cache(method="none"), pb.Cache(method="first_block", threshold=threshold)):
-                params = pb.GenerationParams(
-                    seed=seed, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=size, width=size,
-                    max_sequence_length=FAMILY_TEXT_LENGTH, cache=cache,
-                )  # fmt: skip
-                reply = stub.TextToImage(pb.TextToImageRequest(model=model, prompt="a lighthouse", params=params))
+            for cached in (None, threshold):
+                reply = stub.TextToImage(_cache_request(model, size, seed, cached), timeout=600)
                 images.append(np.asarray(Image.open(io.BytesIO(reply.images[0].image.data)), dtype=np.int16))
             differences.append(np.abs(images[0] - images[1]))
     return {

@@ -80,16 +80,17 @@ def transformer_blocks(transformer: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def first_block_cache(
-    transformer: Any,
+    pipe: Any,
     caches: Sequence[RowCache | None],
     narrowed: Callable[[Sequence[int]], contextlib.AbstractContextManager[None]] | None = None,
 ) -> Iterator[None]:
-    """Within the block, a call of `transformer` in which row i uses `caches[i]` (None: always in full).
-    `narrowed(rows)` is entered around every sub-batch call (per-row LoRAs follow their rows)."""
+    """Within the block, a call of `pipe.transformer` in which row i uses `caches[i]` (None: always in full);
+    nothing changes when no row has a cache. `narrowed(rows)` is entered around every sub-batch call (per-row
+    LoRAs follow their rows)."""
     if not any(cache is not None for cache in caches):
         yield
         return
-    blocks = transformer_blocks(transformer)
+    blocks = transformer_blocks(pipe.transformer)
     if len(blocks) < 2:  # no tail to skip (diffusers' hook refuses such a model too): every row in full
         yield
         return

@@ -198,10 +198,7 @@ class StepEngine:
             per_row = [t.spec.loras[0] if t.spec.loras else None for t in tracks for _ in range(t.rows)]
             applied = adapters.per_row(per_row)
         caches = [cache for t in tracks for cache in t.state.get(ROW_CACHES, [None] * t.rows)]
-        if not any(caches):
-            with applied:
-                return family.denoise(tracks[0].pipe, inputs, tracks[0])
-        with applied, first_block_cache(tracks[0].pipe.transformer, caches, adapters.narrowed):
+        with applied, first_block_cache(tracks[0].pipe, caches, adapters.narrowed):
             prediction = family.denoise(tracks[0].pipe, inputs, tracks[0])
         for track in tracks:  # a step reused the cache when any of the item's rows did
             if any(cache.reused_last for cache in track.state.get(ROW_CACHES, ())):

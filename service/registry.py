@@ -118,9 +118,10 @@ class ServedModel:
                 found.add(name)
         return frozenset(found)
 
-    @property
+    @functools.cached_property
     def default_cache_threshold(self) -> float | None:
-        """The model's default First Block Cache threshold (`models import --option cache=...`), or None."""
+        """The model's default First Block Cache threshold (`models import --option cache=...`), or None: read
+        once, not per request."""
         option = self.model.effective_options().cache
         return cache_threshold(option) if option else None
 
