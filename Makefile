@@ -13,7 +13,10 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install demo test unit lint protos check-protos bench soak clean
 
-install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
+# The three installs are independent (two venvs and node_modules): run them side by side. pip is mostly one
+# core, and checkov alone takes a minute on these machines.
+install:
+	@$(MAKE) --no-print-directory -j3 $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
 # torch first, pinned to the CPU wheel on disk, so nothing later can pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml

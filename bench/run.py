@@ -9,6 +9,7 @@
 - request batching off (--max-batch-size 1) at concurrency 16;
 - LoRA adapters at concurrency 16 on the step engine: none, one shared, a different one per request;
 - the server's RSS over 2,000 mixed requests after warm-up;
+- the OpenAI-compatible HTTP API against gRPC on the same step-engine server, c=1 p50 in alternating rounds;
 - dtypes: bfloat16 against float32 on the CPU (float16 on CUDA), throughput and peak memory of the direct call;
 - the family axis: tiny FLUX.1 (32x32) and tiny SD3 (16x16) from `model_store.tiny_dit`, in the same run, each
   against its own direct call: step uniform c=1 and c=8, step and request mixed c=16, and the long/short test.
@@ -161,9 +162,10 @@ class Server:
         from service.client import wait_until_serving
 
         self.model = model
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         command = [sys.executable, "-m", "service", "serve", model, "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--metrics-port", str(self.metrics_port), "--max-batch-size", str(max_batch), "--device", device]
+        command += ["--http-port", str(self.http_port)]
         command += ["--batching", batching, "--max-queue", "4096", "--log-level", "WARNING"]
         self.process = subprocess.Popen(
             command,
@@ -313,6 +315,42 @@ async def long_short(target: str, size: int, model: str = "", text_length: int |
     return {
         "short_alone_ms": round(percentile(alone, 0.5) * 1e3, 1),
         "short_during_long_ms": round(percentile(during, 0.5) * 1e3, 1),
+    }
+
+
+async def http_load(port: int, requests: int, size: int, seed0: int) -> list[float]:
+    """`requests` image generations, one at a time, through the OpenAI-compatible HTTP API: the same request as
+    `load`'s uniform one (JSON in, the image base64-decoded out, as a client must)."""
+    import base64
+
+    import aiohttp
+
+    latencies = []
+    url = f"http://127.0.0.1:{port}/v1/images/generations"
+    async with aiohttp.ClientSession() as session:
+        for i in range(requests):
+            body = {"prompt": "a lighthouse", "size": f"{size}x{size}", "seed": seed0 + i,
+                    "num_inference_steps": STEPS, "guidance_scale": GUIDANCE}  # fmt: skip
+            t = time.perf_counter()
+            async with session.post(url, json=body) as response:
+                reply = await response.json()
+            base64.b64decode(reply["data"][0]["b64_json"])
+            latencies.append(time.perf_counter() - t)
+    return latencies
+
+
+def http_axis(server: Server, size: int, rounds: int = 4, per_round: int = 10) -> dict[str, Any]:
+    """c=1 p50 of the two doors of one server, in alternating rounds, so that a noisy moment costs both alike."""
+    asyncio.run(http_load(server.http_port, per_round, size, seed0=70_000))  # warm-up (the session's first call)
+    grpc_times: list[float] = []
+    http_times: list[float] = []
+    for i in range(rounds):
+        grpc_times += asyncio.run(load(server.target, 1, per_round, "uniform", size, seed0=80_000 + 100 * i))[0]
+        http_times += asyncio.run(http_load(server.http_port, per_round, size, seed0=90_000 + 100 * i))
+    return {
+        "grpc_p50_ms": round(percentile(grpc_times, 0.5) * 1e3, 2),
+        "http_p50_ms": round(percentile(http_times, 0.5) * 1e3, 2),
+        "requests_each": len(http_times),
     }
 
 
@@ -530,6 +568,7 @@ def main() -> int:
                     rows.append({**row, "engine": engine})
             report["long_short"][engine] = asyncio.run(long_short(server.target, size))
             if engine == "step":
+                report["http"] = http_axis(server, size)
                 report["rss"] = rss_run(server, args.rss_requests, size)
         finally:
             server.stop()
@@ -620,6 +659,9 @@ def ratios(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "mixed adapters / one shared adapter, c=16": ratio(
             adapters["mixed"]["images_per_s"] / adapters["shared"]["images_per_s"], ">= 0.8"
         ),
+        "HTTP c=1 p50 / gRPC c=1 p50 (step)": ratio(
+            report["http"]["http_p50_ms"] / report["http"]["grpc_p50_ms"], "<= 1.05"
+        ),
         "RSS change over mixed requests, %": ratio(report["rss"]["change_pct"], "within 5"),
         "half precision / float32 img/s": ratio(
             report["dtypes"][1]["images_per_s"] / report["dtypes"][0]["images_per_s"], "(measured)"
@@ -643,6 +685,7 @@ def _print(report: dict[str, Any]) -> None:
     print(f"long/short: {report['long_short']}")
     print(f"dtypes: {report['dtypes']}")
     print(f"RSS: {report['rss']}")
+    print(f"HTTP and gRPC, c=1: {report['http']}")
     cache = report["cache"]
     print(f"cache: threshold {cache['threshold']} (probe reuse {cache['probe_reuse']}), pixels {cache['pixels']}")
     print(f"\n{'ratio':<44} {'value':>8}  target")

@@ -68,12 +68,14 @@ class ServerConfig:
     max_queue_per_client: int | None = None  # a client's share of the queue while others wait; None: a quarter
     client_id_header: str | None = None  # metadata naming the client; None: the authenticated identity, else peer
     max_adapters_per_request: int = 8
+    http_port: int | None = None  # the OpenAI-compatible Images API (service/http_api.py); None: off
+    http_host: str | None = None  # where it listens; None: the --host address
 
     def __post_init__(self) -> None:
         if not self.tags:
             raise ConfigError("serve needs at least one model tag")
         _check_range("port", self.port, 0, 65535)
-        for name in ("metrics_port", "health_port"):
+        for name in ("metrics_port", "health_port", "http_port"):
             if getattr(self, name) is not None:
                 _check_range(name, getattr(self, name), 0, 65535)
         for name in (
@@ -122,6 +124,11 @@ class ServerConfig:
     def metrics_address(self) -> str:
         """Where /metrics listens: --metrics-host, else the gRPC --host (without brackets)."""
         return self.metrics_host or self.host.strip("[]")
+
+    @property
+    def http_address(self) -> str:
+        """Where the OpenAI-compatible HTTP API listens: --http-host, else the gRPC --host (without brackets)."""
+        return self.http_host or self.host.strip("[]")
 
     @property
     def health_address(self) -> str:

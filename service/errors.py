@@ -44,7 +44,7 @@ REASONS = {
     "INTERNAL": "a bug in the server: operators page on it; the server log has the traceback",
 }
 RETRY_DELAY_SECONDS = 1  # what RetryInfo suggests: the queue moves at the pace of a denoising step or a call
-_RETRYABLE = frozenset({"QUEUE_FULL", "DRAINING", "WORKER_UNAVAILABLE", "AUTH_RATE_LIMITED"})
+RETRYABLE = frozenset({"QUEUE_FULL", "DRAINING", "WORKER_UNAVAILABLE", "AUTH_RATE_LIMITED"})
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,9 @@ MAX_FIELD, MAX_DESCRIPTION, MAX_VIOLATIONS = 96, 160, 8
 
 
 @dataclass(frozen=True)
-class _Classified:
+class Classified:
+    """What an exception tells a client, whichever door it came in by: gRPC (`status_for`) or HTTP."""
+
     code: grpc.StatusCode
     reason: str
     message: str
@@ -145,7 +147,7 @@ class _Classified:
 
 def status_for(exc: BaseException) -> grpc.Status:
     """The gRPC status (with rich details) that reports `exc` to the client."""
-    found = _classify(exc)
+    found = classify(exc)
     detail = status_pb2.Status(code=_rpc_code(found.code), message=cut(found.message, MAX_MESSAGE))
     info = error_details_pb2.ErrorInfo(
         reason=found.reason,
@@ -153,7 +155,7 @@ def status_for(exc: BaseException) -> grpc.Status:
         metadata={key: cut(value, MAX_FIELD) for key, value in (found.metadata or {}).items()},
     )
     _append(detail, info)
-    if found.reason in _RETRYABLE:
+    if found.reason in RETRYABLE:
         _append(detail, error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=RETRY_DELAY_SECONDS)))
     violations = found.violations
     if violations:
@@ -180,20 +182,21 @@ def cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 14] + "... (truncated)"
 
 
-def _classify(exc: BaseException) -> _Classified:
+def classify(exc: BaseException) -> Classified:
+    """The status, stable reason and safe message of `exc`; an unknown exception is INTERNAL, its traceback logged."""
     if isinstance(exc, ServiceError):
-        return _Classified(exc.code, exc.reason, exc.message, exc.violations, exc.metadata)
+        return Classified(exc.code, exc.reason, exc.message, exc.violations, exc.metadata)
     if isinstance(exc, model_store.ModelNotFoundError):
-        return _Classified(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", str(exc))
+        return Classified(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", str(exc))
     if isinstance(exc, model_store.InvalidTagError):
-        return _Classified(
+        return Classified(
             grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", str(exc), (FieldViolation("model", str(exc)),)
         )
     for kind, (code, reason) in _BATCHING_CODES.items():
         if isinstance(exc, kind):
-            return _Classified(code, reason, str(exc) or kind.__name__)
+            return Classified(code, reason, str(exc) or kind.__name__)
     log.error("internal error", exc_info=exc)
-    return _Classified(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the server log has the details")
+    return Classified(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; the server log has the details")
 
 
 def _rpc_code(code: grpc.StatusCode) -> int:

@@ -76,6 +76,35 @@ def decode(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image: {exc}") from None
 
 
+def mask_from_alpha(data: bytes, *, max_pixels: int) -> bytes:
+    """OpenAI's mask (an image whose transparent pixels mark what to repaint) as diffusers' (white repaints, black
+    keeps), PNG-encoded, so that the shared validation reads it as any other mask. 255 - alpha: a half-transparent
+    pixel is half repainted. Refused as `decode` refuses, and without an alpha channel."""
+    if not data:
+        raise ImageDecodeError("image data is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as probe:
+            if probe.width * probe.height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {probe.width}x{probe.height}, more than the limit of {max_pixels} pixels"
+                )
+            if "A" not in probe.getbands() and "transparency" not in probe.info:
+                raise ImageDecodeError("has no alpha channel: send a PNG whose transparent pixels mark what to repaint")
+            alpha = probe.convert("RGBA").getchannel("A")
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("cannot decode image: the data is not a PNG, JPEG or WebP image") from None
+    except Exception as exc:  # Pillow raises many kinds for corrupt data
+        raise ImageDecodeError(f"cannot decode image: {exc}") from None
+    buffer = io.BytesIO()
+    ImageOps.invert(alpha).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
 def _to_8_bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit integer images (16-bit PNGs) to 8 bits by scale, not by clipping (which turns them white)."""
     if image.mode not in ("I", "I;16", "I;16B", "I;16L"):

@@ -132,6 +132,11 @@ class ServedModel:
         params = self.parameters.get(signature) or {}
         return "control_image" if "control_image" in params else "image"
 
+    def serves(self, task: str) -> bool:
+        """Whether a typed request of this task has a signature to run (`signature_for` would find one)."""
+        signatures = self.model.signatures
+        return task in signatures or any(signature.task == task for signature in signatures.values())
+
     def signature_for(self, task: str) -> Signature:
         """The signature a typed RPC runs: the one named after the task, else `__call__`, else one whose task it
         is; UNIMPLEMENTED naming the signatures and their tasks when the model has none."""

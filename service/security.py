@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +31,24 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The HTTP API's TLS, from the same files as gRPC's: a certificate makes it HTTPS, and a client CA requires a
+    client certificate (mTLS)."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Whether an `authorization` value is `Bearer <token>`, in constant time (gRPC metadata and HTTP alike)."""
+    return hmac.compare_digest(given.encode(errors="replace"), f"Bearer {token}".encode())
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every RPC but health checks and reflection.
 
@@ -39,7 +58,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, token: str, limiter: FailedAuthLimiter | None = None) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
         self.limiter = limiter or FailedAuthLimiter()
 
     async def intercept_service(
@@ -51,7 +70,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         handler = await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if not hmac.compare_digest(str(given).encode(), self._expected):  # constant time
+        if not token_matches(str(given), self._token):
             return _refusal(handler, self.limiter)
         if handler is not None and self.limiter.limiting:
             return _guarded(handler, self.limiter)
@@ -106,8 +125,8 @@ def peer_address(context: grpc.aio.ServicerContext) -> str:
     return peer.split(":", 1)[0] or "unknown"
 
 
-_UNAUTHENTICATED = "missing or wrong bearer token in 'authorization'"
-_LIMITED = "too many failed authentications from this address; try again later"
+UNAUTHENTICATED_MESSAGE = "missing or wrong bearer token in 'authorization'"
+LIMITED_MESSAGE = "too many failed authentications from this address; try again later"
 
 
 async def refuse(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
@@ -116,8 +135,8 @@ async def refuse(context: grpc.aio.ServicerContext, error: ServiceError) -> None
     await context.abort(status.code, status.details, tuple(status.trailing_metadata))
 
 
-def _limited() -> ServiceError:
-    return Refused(_LIMITED, reason="AUTH_RATE_LIMITED")
+def limited_error() -> ServiceError:
+    return Refused(LIMITED_MESSAGE, reason="AUTH_RATE_LIMITED")
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, limiter: FailedAuthLimiter) -> grpc.RpcMethodHandler:
@@ -126,9 +145,9 @@ def _refusal(handler: grpc.RpcMethodHandler | None, limiter: FailedAuthLimiter) 
     async def deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         peer = peer_address(context)
         if limiter.limited(peer):
-            await refuse(context, _limited())
+            await refuse(context, limited_error())
         limiter.failed(peer)
-        await refuse(context, Unauthenticated(_UNAUTHENTICATED))
+        await refuse(context, Unauthenticated(UNAUTHENTICATED_MESSAGE))
 
     async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await deny(requests, context)
@@ -146,7 +165,7 @@ def _guarded(handler: grpc.RpcMethodHandler, limiter: FailedAuthLimiter) -> grpc
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         if limiter.limited(peer_address(context)):
-            await refuse(context, _limited())
+            await refuse(context, limited_error())
 
     if handler.unary_unary is not None:
         inner = handler.unary_unary

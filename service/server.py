@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import stat
 import threading
 import time
@@ -26,6 +25,8 @@ from . import tracing
 from .config import ConfigError, ServerConfig
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+from .http_api import HttpApi
+from .ports import check_free, check_ports
 from .reflection import add_documented_reflection
 from .registry import ModelRegistry, ServedModel, resolve_dtype
 from .security import BoundedHealthServicer, TokenAuthInterceptor, server_credentials
@@ -111,6 +112,9 @@ class DiffusionServer:
         if self.auth is not None:
             interceptors.append(self.auth)
         self.server = grpc.aio.server(options=config.grpc_options, interceptors=interceptors)
+        self.http: HttpApi | None = None  # the OpenAI-compatible Images API, with --http-port
+        if config.http_port is not None:
+            self.http = HttpApi(self.servicer, self.telemetry, config, self.auth.limiter if self.auth else None)
         self._metrics_http: Any = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None  # the bound health-only port, when --health-port is set
@@ -181,17 +185,20 @@ class DiffusionServer:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         if self._health_server is not None:
             await self._health_server.start()
         if self.config.uds:
             os.chmod(self.config.uds, 0o660)
         scheme = "tls" if credentials else "plaintext"
         log.info(
-            "listening on %s (%s)%s%s; loading %s",
+            "listening on %s (%s)%s%s%s; loading %s",
             address.replace(f":{self.config.port}", f":{port}"),
             scheme,
             f" and unix:{self.config.uds}" if self.config.uds else "",
             f", health on {self.config.health_address}:{self.health_port} (plaintext)" if self.health_port else "",
+            f", the OpenAI-compatible HTTP API on {self.config.http_address}:{self.http.port}" if self.http else "",
             ", ".join(self.config.tags),
         )
         self._loading = asyncio.create_task(self._load())
@@ -274,6 +281,8 @@ class DiffusionServer:
         # Stop's own grace is longer than ours: at our deadline the executor fails what is left, and the handlers
         # need a moment to send that status before gRPC would cancel their calls (CANCELLED, a different story).
         stopping = asyncio.ensure_future(self.server.stop(grace + STATUS_SECONDS))
+        if self.http is not None:  # HTTP's GOAWAY: no new connections, and a 503 for new calls on open ones
+            await self.http.stop_accepting()
         await asyncio.sleep(0.05)  # calls that arrived just before GOAWAY start their handlers, and are admitted
         while self.servicer.admitting > 0 and time.monotonic() < deadline:  # accepted calls queue their work
             await asyncio.sleep(0.01)
@@ -281,6 +290,8 @@ class DiffusionServer:
         while self.telemetry.in_flight > 0 and time.monotonic() < deadline + STATUS_SECONDS:
             await asyncio.sleep(0.05)
         await stopping
+        if self.http is not None:
+            await self.http.close()
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.servicer.close()
@@ -295,45 +306,13 @@ class DiffusionServer:
 
 def _bind(server: grpc.aio.Server, address: str, flag: str, credentials: grpc.ServerCredentials | None) -> int:
     """Listen on `address`, or say in one line that it cannot (SO_REUSEPORT is off: a port in use is refused)."""
-    _check_free(address, flag)
+    check_free(address, flag)
     try:
         if credentials is None:
             return server.add_insecure_port(address)
         return server.add_secure_port(address, credentials)
     except RuntimeError:  # lost a race for the port since the check, say
         raise ConfigError(f"{flag}: cannot listen on {address}") from None
-
-
-def check_ports(config: ServerConfig) -> None:
-    """Every TCP port the server will listen on is free (ConfigError naming the first that is not)."""
-    _check_free(f"{config.host}:{config.port}", "--port")
-    if config.health_port is not None:
-        _check_free(f"{config.health_address}:{config.health_port}", "--health-port")
-    if config.metrics_port is not None:
-        _check_free(f"{config.metrics_address}:{config.metrics_port}", "--metrics-port")
-
-
-def _check_free(address: str, flag: str) -> None:
-    """Bind the TCP address once ourselves, as gRPC will, to say why it cannot be had (gRPC's own failure is a
-    C-core log line without the reason)."""
-    if address.startswith("unix:"):
-        return
-    host, _, port = address.rpartition(":")
-    if port == "0":
-        return
-    try:
-        found = socket.getaddrinfo(
-            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise ConfigError(f"{flag}: cannot listen on {address}: {exc.strerror}") from None
-    for family, kind, proto, _, where in found:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no reason
-            try:
-                probe.bind(where)
-            except OSError as exc:
-                raise ConfigError(f"{flag}: cannot listen on {address}: {exc.strerror}") from None
 
 
 def _remove_stale_socket(path: str) -> None:

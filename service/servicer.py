@@ -13,7 +13,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, TypeAlias, TypeVar
@@ -27,6 +27,7 @@ from .domain import CallRequest, TaskRequest
 from .errors import FieldViolation, InvalidArgument, Unavailable, status_for
 from .generated.diffusion.v1 import diffusion_pb2 as pb
 from .generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
+from .generation import Generation
 from .registry import ModelRegistry, ServedModel
 from .security import peer_address
 from .tracing import RequestSpans
@@ -191,7 +192,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
 
     @rpc
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=convert.model_info(self._resolve(request.model)))
+        return pb.GetModelResponse(model=convert.model_info(self.resolve(request.model)))
 
     # --- streaming -------------------------------------------------------------------------------------------
 
@@ -231,23 +232,35 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
     async def _task(
         self, request: TaskRequest, context: Context, on_progress: ProgressCallback | None
     ) -> convert.TypedResponse:
-        self._resolve(request.model)
+        job, results = await self.generate(request, _deadline(context), self._client(context), on_progress)
+        return await self.encode(job, results)
+
+    async def generate(
+        self, request: TaskRequest, deadline: float | None, client: str, on_progress: ProgressCallback | None
+    ) -> tuple[Generation, list[ItemOutput]]:
+        """Validate a typed task, queue its images and await them: the one path of both doors (gRPC and the
+        OpenAI-compatible HTTP API), so both validate, queue, count and trace a request alike."""
+        self.resolve(request.model)
         with self.spans.span("validate"):
-            job = await self._off_loop(validation.generation, request, self.registry, self.limits)
-        items = job.work_items(_deadline(context), on_progress, self._client(context))
+            job = await self.off_loop(validation.generation, request, self.registry, self.limits)
+        items = job.work_items(deadline, on_progress, client)
         results = await self._traced_run(items, job.served.engines.get(job.signature.name, "request"))
         if self.on_results is not None:
             self.on_results(job.served.tag, job.denoising_steps(), results)
+        return job, results
+
+    async def encode(self, job: Generation, results: Sequence[ItemOutput]) -> convert.TypedResponse:
+        """The task's reply, its images encoded off the event loop."""
         with self.spans.span("encode", images=len(results)):
-            return await self._off_loop(convert.task_response, job, results)
+            return await self.off_loop(convert.task_response, job, results)
 
     async def _call(self, request: CallRequest, context: Context, on_progress: ProgressCallback | None) -> Any:
-        self._resolve(request.model)
+        self.resolve(request.model)
         with self.spans.span("validate"):
-            job = await self._off_loop(call_validation.call_job, request, self.registry, self.limits)
+            job = await self.off_loop(call_validation.call_job, request, self.registry, self.limits)
         (result,) = await self._traced_run(job.work_items(_deadline(context), on_progress, self._client(context)))
         with self.spans.span("encode"):
-            return await self._off_loop(convert.call_response, job, result)
+            return await self.off_loop(convert.call_response, job, result)
 
     async def _traced_run(self, items: Sequence[WorkItem], engine: str = "request") -> list[Any]:
         """Run the items; when tracing is on, their queue waits and denoising become spans, whatever the end."""
@@ -258,18 +271,22 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
             self.spans.record(items, engine, self.executor.now())
 
     def _client(self, context: Context) -> str:
+        identity = (context.auth_context() or {}).get("x509_common_name")
+        common_name = identity[0].decode(errors="replace") if identity else None
+        return self.client_of(dict(context.invocation_metadata() or ()), common_name, peer_address(context))
+
+    def client_of(self, headers: Mapping[str, Any], common_name: str | None, peer: str) -> str:
         """Who asks, for the queue's per-client share: the operator's header when it names one (cut, as any client
         value), else the mTLS identity, else the peer address without its port. Never logged, never a label."""
         if self.client_id_header:
-            given = dict(context.invocation_metadata() or ()).get(self.client_id_header)
+            given = headers.get(self.client_id_header)
             if given:
                 return f"header:{str(given)[:128]}"
-        identity = (context.auth_context() or {}).get("x509_common_name")
-        if identity:
-            return f"tls:{identity[0].decode(errors='replace')[:128]}"
-        return f"peer:{peer_address(context)}"
+        if common_name:
+            return f"tls:{common_name[:128]}"
+        return f"peer:{peer}"
 
-    def _resolve(self, tag: str) -> ServedModel:
+    def resolve(self, tag: str) -> ServedModel:
         """The served model a request names; from now on its tag labels the request's metrics and log line."""
         served = self.registry.resolve(tag)
         request = scope.get()
@@ -294,7 +311,7 @@ class DiffusionServicer(pb_grpc.DiffusionServiceServicer):
                 if not item.future.done():
                     item.cancel()
 
-    async def _off_loop(self, work: Callable[..., Result], *args: Any) -> Result:
+    async def off_loop(self, work: Callable[..., Result], *args: Any) -> Result:
         """Decoding and encoding images can take tens of ms: keep them off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._encoder, work, *args)
 

@@ -242,9 +242,60 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     def _observe(
         self, rpc: str, metadata: dict[str, Any], request: Any, context: grpc.aio.ServicerContext
     ) -> _Observation:
-        given = str(metadata.get(REQUEST_ID_HEADER) or "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex  # a client's id only if tame
-        return _Observation(self, scope.RequestScope(request_id, rpc), request, context)
+        request_scope = scope.RequestScope(request_id(metadata.get(REQUEST_ID_HEADER)), rpc)
+        return _Observation(self, request_scope, request, context)
+
+    def began(self) -> None:
+        """A request (an RPC, or a call of the HTTP API) started: it is in flight until `ended`."""
+        self.in_flight += 1
+        if self.metrics:
+            self.metrics.in_flight.inc()
+
+    def ended(
+        self, s: scope.RequestScope, code: str, elapsed: float, prompt: Any = "", extra: dict[str, Any] | None = None
+    ) -> None:
+        """Count, time and log one request that ended with `code` (a gRPC status name, whichever door it came in
+        by). `extra`: fields of the log line that only one door has."""
+        self.in_flight -= 1  # first: nothing below may keep an ended request counted
+        metrics = self.metrics
+        if metrics:
+            metrics.in_flight.dec()
+            # Labels only take values the server knows: a served tag, or "unknown" (never a client's string).
+            metrics.requests.labels(s.model or "unknown", s.rpc, code).inc()
+            metrics.latency.labels(s.model or "unknown", s.rpc).observe(elapsed)
+            for item in s.items:
+                if item.trace.started:  # it left the queue (to run, or to join the step engine)
+                    metrics.queue_wait.labels(s.model or "unknown").observe(item.trace.queue_wait)
+        fields: dict[str, Any] = {
+            "request_id": s.request_id,
+            "rpc": s.rpc,
+            "model": s.model or "-",
+            "code": code,
+            **(extra or {}),
+            "ms": round(elapsed * 1e3, 2),
+            "queue_ms": round(s.queue_ms(), 2),
+            "run_ms": round(s.run_ms(), 2),
+            "batch_size": s.batch_size(),
+            "images": len(s.items),
+        }
+        if code == "UNAUTHENTICATED":  # counted; the token check logs one sampled line per peer, not one per guess
+            pass
+        elif log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG, and cut
+            fields["prompt"] = str(prompt or "")[:200]
+            log.debug(self._format(fields))
+        else:
+            log.info(self._format(fields))
+
+    def _format(self, fields: dict[str, Any]) -> str:
+        if self.json_logs:
+            return json.dumps(fields)
+        return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def request_id(given: Any) -> str:
+    """The client's request id when it is tame (from x-request-id), else a new one."""
+    text = str(given or "")
+    return text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
@@ -292,51 +343,15 @@ class _Observation:
         self.started = time.perf_counter()
         self.token = scope.current.set(self.scope)
         self.context.set_trailing_metadata(((REQUEST_ID_HEADER, self.scope.request_id),))
-        self.owner.in_flight += 1
-        if self.owner.metrics:
-            self.owner.metrics.in_flight.inc()
+        self.owner.began()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
-        self.owner.in_flight -= 1  # first: nothing below may keep an ended RPC counted
         elapsed = time.perf_counter() - self.started
-        code = _code_name(self.context, kind)
-        s = self.scope
-        metrics = self.owner.metrics
-        if metrics:
-            metrics.in_flight.dec()
-            # Labels only take values the server knows: a served tag, or "unknown" (never a client's string).
-            metrics.requests.labels(s.model or "unknown", s.rpc, code).inc()
-            metrics.latency.labels(s.model or "unknown", s.rpc).observe(elapsed)
-            for item in s.items:
-                if item.trace.started:  # it left the queue (to run, or to join the step engine)
-                    metrics.queue_wait.labels(s.model or "unknown").observe(item.trace.queue_wait)
-        fields: dict[str, Any] = {
-            "request_id": s.request_id,
-            "rpc": s.rpc,
-            "model": s.model or "-",
-            "code": code,
-            "ms": round(elapsed * 1e3, 2),
-            "queue_ms": round(s.queue_ms(), 2),
-            "run_ms": round(s.run_ms(), 2),
-            "batch_size": s.batch_size(),
-            "images": len(s.items),
-        }
-        if code == "UNAUTHENTICATED":  # counted; the token check logs one sampled line per peer, not one per guess
-            pass
-        elif log.isEnabledFor(logging.DEBUG):  # prompts are private: only at DEBUG, and cut
-            fields["prompt"] = str(getattr(self.request, "prompt", ""))[:200]
-            log.debug(self._format(fields))
-        else:
-            log.info(self._format(fields))
+        self.owner.ended(self.scope, _code_name(self.context, kind), elapsed, getattr(self.request, "prompt", ""))
         try:
             scope.current.reset(self.token)
         except ValueError:  # a cancelled stream ends in another context than it began: nothing left to undo
             pass
-
-    def _format(self, fields: dict[str, Any]) -> str:
-        if self.owner.json_logs:
-            return json.dumps(fields)
-        return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def _code_name(context: Any, kind: type[BaseException] | None) -> str:

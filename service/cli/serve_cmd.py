@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from ..config import ConfigError, env_name, from_sources
+from ..ports import check_ports
 from .common import CliError
 
 
@@ -62,6 +63,14 @@ FLAGS: list[tuple[str, str, Any, str]] = [
         "also serve grpc.health.v1 alone, in plaintext, on this port (probes when the API port needs TLS)",
     ),
     ("--health-host", "health_host", str, "address the health port listens on (default: the --host address)"),
+    (
+        "--http-port",
+        "http_port",
+        int,
+        "also serve the OpenAI-compatible Images API (/v1/images/generations, /v1/images/edits, /v1/models) over "
+        "HTTP on this port: the same auth token, TLS, limits and queue as gRPC (default: off)",
+    ),
+    ("--http-host", "http_host", str, "address the HTTP API listens on (default: the --host address)"),
     (
         "--max-connection-age-seconds",
         "max_connection_age_seconds",
@@ -177,14 +186,14 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server import serve
-
     flags = {k: v for k, v in vars(args).items() if v is not None}
     flags["tags"] = tuple(args.tags) or None
     try:
         config = from_sources(flags)
+        check_ports(config)  # before torch and diffusers are imported: a busy port is said at once
     except ConfigError as exc:
         raise CliError(f"invalid configuration: {exc}", exit_code=2) from None
+    from ..server import serve
     from ..telemetry import configure_logging
 
     configure_logging(config.log_format, config.log_level)

@@ -64,7 +64,7 @@ def test_version():
     assert result.returncode == 0 and result.stdout.startswith("diffusers-grpc 0.")
 
 
-@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--health-port"])
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--health-port", "--http-port"])
 def test_a_port_in_use_is_refused_naming_it(store_home, flag):
     with socket.socket() as busy:  # someone else's listener: grpc's SO_REUSEPORT would have shared it
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -1,5 +1,6 @@
-"""Draining real server processes: a round_robin client over two replicas loses no call while one drains, and a
-grace period that runs out ends the calls left with one status (UNAVAILABLE), logged as such, and exit 0."""
+"""Draining real server processes: a round_robin client spreads its calls over two replicas and loses none while one
+drains, and a grace period that runs out ends the calls left with one status (UNAVAILABLE), logged as such, and
+exit 0."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def start(home: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, Path]:
 
 def test_a_round_robin_client_loses_no_call_while_one_of_two_replicas_drains(store_home):
     first, first_target, first_log = start(store_home, "--drain-seconds", "2", "--grace-seconds", "20")
-    second, second_target, _ = start(store_home)
+    second, second_target, second_log = start(store_home)
     processes = [first, second]
     try:
         for process, target in ((first, first_target), (second, second_target)):
@@ -60,6 +61,9 @@ def test_a_round_robin_client_loses_no_call_while_one_of_two_replicas_drains(sto
         for client in clients:
             client.start()
         wait_for(lambda: len(results) >= 12, what="steady traffic")
+        # round_robin spreads the calls over both replicas (pick_first would send every one to the first)
+        both = lambda: all("code=OK" in log.read_text() for log in (first_log, second_log))  # noqa: E731
+        wait_for(both, what="both replicas serving calls")
         first.send_signal(signal.SIGTERM)
         wait_for(lambda: health_status(first_target, READINESS) != 1, what="readiness of the drained replica off")
         assert first.wait(timeout=60) == 0

@@ -11,14 +11,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from helpers import READINESS, ROOT, cli, free_port, health_status, server_process, wait_for, wait_serving
 
 from service.client import DiffusionClient
 from service.generated.diffusion.v1 import diffusion_pb2 as pb
-from service.generated.diffusion.v1 import diffusion_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +71,8 @@ def test_sigterm_turns_readiness_off_keeps_serving_through_the_drain_window_and_
             wait_for(lambda: health_status(target, READINESS) == not_serving, what="readiness turning off")
             assert process.poll() is None
             # A balancer may still send calls while it learns that readiness is off: they are served.
-            assert client.text_to_image("late", seed=1, steps=2, timeout=30).images
+            # It queues behind the eight 40-step calls: its deadline leaves room for them on a loaded machine.
+            assert client.text_to_image("late", seed=1, steps=2, timeout=120).images
             replies = [f.result(timeout=120) for f in futures]
         assert [r.images[0].seed for r in replies] == list(range(8))
         assert process.wait(timeout=60) == 0
@@ -103,26 +102,6 @@ def test_health_probe_over_unix_socket_exits_0_1_and_2(store_home, tmp_path):
     assert not socket_path.exists()
     gone = subprocess.run(probe, capture_output=True, text=True, timeout=60)
     assert gone.returncode == 2
-
-
-def test_round_robin_channel_spreads_requests_over_two_replicas(store_home):
-    ports = [free_port(), free_port()]
-    with (
-        server_process(store_home, ["--metrics-port", str(ports[0])]) as first,
-        server_process(store_home, ["--metrics-port", str(ports[1])]) as second,
-    ):
-        addresses = f"{first},{second}"
-        options = [("grpc.lb_policy_name", "round_robin")]
-        with grpc.insecure_channel(f"ipv4:{addresses}", options=options) as channel:
-            stub = pb_grpc.DiffusionServiceStub(channel)
-            for i in range(6):
-                params = pb.GenerationParams(seed=i, num_inference_steps=2)
-                stub.TextToImage(pb.TextToImageRequest(prompt="x", params=params), timeout=60)
-        # A server counts an RPC just after its answer leaves: scrape until all six are in.
-        scrape = lambda: [metric(port, "diffusers_grpc_requests_total") for port in ports]  # noqa: E731
-        served = wait_for(lambda: (counts := scrape()) and sum(counts) >= 6 and counts, what="six counted RPCs")
-    assert all(count >= 1 for count in served), served
-    assert sum(served) == 6
 
 
 def test_serve_pulls_its_models_from_s3_before_readiness(store, store_home, bucket, tmp_path):

@@ -9,12 +9,15 @@ import logging
 import os
 import re
 import socket
+import ssl
 import stat
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx2 as httpx
+import openai
 import pytest
 from grpc_health.v1 import health_pb2
 from helpers import READINESS, error_details, free_port, health_status, reason_of, wait_for
@@ -125,16 +128,27 @@ def test_tls_and_mtls(store, tmp_path):
     certs = _certificates(tmp_path)
     ca = certs["ca"][0].read_bytes()
     server_cert, server_key = (str(p) for p in certs["server"])
-    with running_server(store, tls_cert=server_cert, tls_key=server_key) as (_, target):
+    with running_server(store, tls_cert=server_cert, tls_key=server_key, http_port=0) as (server, target):
         tls = grpc.ssl_channel_credentials(root_certificates=ca)
         with DiffusionClient(target, credentials=tls) as client:
             assert client.stub.TextToImage(request(), timeout=30).images
         with DiffusionClient(target) as plaintext, pytest.raises(grpc.RpcError):
             plaintext.list_models(timeout=5)
-    with running_server(store, tls_cert=server_cert, tls_key=server_key, tls_client_ca=str(certs["ca"][0])) as (
-        _,
-        target,
-    ):
+        # The OpenAI-compatible HTTP API takes the same certificate: HTTPS, and no plaintext
+        trusting = ssl.create_default_context(cadata=ca.decode())
+        with _openai(server, "https", trusting) as api:
+            assert api.images.generate(prompt="x", extra_body={"seed": 1, "num_inference_steps": 2}).data
+        with _openai(server, "http", None) as plain, pytest.raises(openai.APIConnectionError):
+            plain.models.list()
+    with running_server(
+        store, tls_cert=server_cert, tls_key=server_key, tls_client_ca=str(certs["ca"][0]), http_port=0
+    ) as (server, target):
+        trusting = ssl.create_default_context(cadata=ca.decode())
+        with _openai(server, "https", trusting) as api, pytest.raises(openai.APIConnectionError):
+            api.models.list()  # mTLS: no client certificate, no call
+        trusting.load_cert_chain(*(str(p) for p in certs["client"]))
+        with _openai(server, "https", trusting) as api:
+            assert api.models.list().data
         without_cert = grpc.ssl_channel_credentials(root_certificates=ca)
         with DiffusionClient(target, credentials=without_cert) as client, pytest.raises(grpc.RpcError) as caught:
             client.list_models(timeout=5)
@@ -145,6 +159,13 @@ def test_tls_and_mtls(store, tmp_path):
         )
         with DiffusionClient(target, credentials=with_cert) as client:
             assert client.list_models(timeout=30).models
+
+
+def _openai(server, scheme: str, context: ssl.SSLContext | None) -> openai.OpenAI:
+    """The official client at the server's HTTP port, trusting `context`'s CAs (and presenting its certificate)."""
+    http = httpx.Client(verify=context) if context is not None else httpx.Client()
+    base = f"{scheme}://127.0.0.1:{server.http.port}/v1"
+    return openai.OpenAI(base_url=base, api_key="unused", max_retries=0, http_client=http, timeout=30)
 
 
 # --- Unix socket -----------------------------------------------------------------------------------------------
