@@ -116,7 +116,7 @@ class HttpApi:
                 self._authenticate(request)
                 if not self.accepting:
                     raise Unavailable("the server is shutting down")
-                with self.servicer.admit():
+                with self.servicer.admit(), self.servicer.spans.server(rpc, request.headers):
                     response = await handler(request, outcome)
             except asyncio.CancelledError:  # the client disconnected (handler_cancellation)
                 outcome.code, outcome.status = "CANCELLED", 499

@@ -3,10 +3,11 @@
 `configure` reads `OTEL_TRACES_EXPORTER` (`otlp`, `console`, `none`; several comma-separated) and builds a tracer
 provider with `OTEL_SERVICE_NAME` (and `OTEL_RESOURCE_ATTRIBUTES`); the OTLP exporter reads its own
 `OTEL_EXPORTER_OTLP_*` variables. The RPC span comes from `opentelemetry-instrumentation-grpc`'s server
-interceptor, which honours a client's W3C `traceparent`. `RequestSpans` adds ours under it: validation (with
-input-image decoding), each image's queue wait, its denoising (the pipeline call, or each step-engine tick it
-took part in, with rows and items), and the reply's encoding. The engines run on worker threads, so their spans
-are written when the request ends, from the times its items recorded; nothing of this runs when tracing is off.
+interceptor, which honours a client's W3C `traceparent`; an HTTP API request's span from `RequestSpans.server`.
+`RequestSpans` adds ours under either: validation (with input-image decoding), each image's queue wait, its
+denoising (the pipeline call, or each step-engine tick it took part in, with rows and items), and the reply's
+encoding. The engines run on worker threads, so their spans are written when the request ends, from the times
+its items recorded; nothing of this runs when tracing is off.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ class RequestSpans:
         if self.tracer is None:
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(name, attributes=attributes)
+
+    def server(self, name: str, headers: Mapping[str, str]) -> contextlib.AbstractContextManager[Any]:
+        """The HTTP API's request span, as the gRPC interceptor makes the RPC's: a SERVER span under the client's
+        W3C `traceparent` header, current while the request is served (ours go under it)."""
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        from opentelemetry import propagate, trace
+
+        parent = propagate.extract(headers)
+        return self.tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
 
     def watch(self, items: Sequence[WorkItem]) -> None:
         """Ask the step engine to record the ticks these items take part in."""

@@ -23,7 +23,11 @@ def traced(store):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with running_server(store, tracer_provider=provider) as (_, target), DiffusionClient(target) as client:
+    with (
+        running_server(store, tracer_provider=provider, http_port=0) as (server, target),
+        DiffusionClient(target) as client,
+    ):
+        client.http_port = server.http.port
         yield client, exporter
 
 
@@ -50,6 +54,23 @@ def test_one_request_is_one_span_tree_under_the_clients_traceparent(traced):
     assert all(span.attributes["rows"] == 2 and span.attributes["items"] == 1 for span in ticks)  # CFG: two rows
     assert children["queue"].end_time <= engine.start_time <= engine.end_time <= children["encode"].start_time
     assert all(format(span.context.trace_id, "032x") == TRACE_ID for span in spans)
+
+
+def test_an_http_request_is_one_span_tree_under_its_traceparent_header(traced):
+    import json
+    import urllib.request
+
+    client, exporter = traced
+    exporter.clear()
+    body = json.dumps({"prompt": "a fox", "seed": 1, "num_inference_steps": 2}).encode()
+    headers = {"Content-Type": "application/json", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    url = f"http://127.0.0.1:{client.http_port}/v1/images/generations"
+    urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=60).read()
+    spans = exporter.get_finished_spans()
+    request = next(span for span in spans if span.name == "POST /v1/images/generations")
+    assert format(request.context.trace_id, "032x") == TRACE_ID and format(request.parent.span_id, "016x") == PARENT_ID
+    children = {span.name for span in spans if span.parent and span.parent.span_id == request.context.span_id}
+    assert {"validate", "queue", "step engine", "encode"} <= children, sorted(children)
 
 
 def test_a_call_is_traced_with_its_pipeline_call(traced):
