@@ -269,6 +269,7 @@ def active_gauges(server):
         ({"partial_images": 4, "stream": True}, "partial_images"),
         ({"loras": [{"name": "nope", "weight": 1.0}]}, "loras[0].name"),
         ({"background": "transparent"}, "background"),
+        ({"true_cfg_scale": 2.0}, "true_cfg_scale"),  # SD has no true CFG: the shared validation says so
         ({"num_inference_step": 4}, "num_inference_step"),  # a typo is named, not ignored
         ({"prompt": ""}, "prompt"),
         ({"model": None}, "model"),  # two models are served: say which
