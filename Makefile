@@ -11,7 +11,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 # Two test files at a time (each file keeps its module fixtures: the servers it starts): 9 minutes, not 11.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install demo test unit lint protos check-protos bench soak clean
+.PHONY: install demo test pytest unit lint protos check-protos bench soak clean
 
 # The three installs are independent (two venvs and node_modules): run them side by side. pip is mostly one
 # core, and checkov alone takes a minute on these machines.
@@ -41,7 +41,11 @@ $(NODE_STAMP): package.json package-lock.json
 demo: install
 	$(PY) scripts/demo.py --output demo.png
 
-test: install lint
+# Lint beside the tests: mypy takes one core for half a minute, while the first tests mostly wait on servers.
+test: install
+	@$(MAKE) --no-print-directory -j2 lint pytest
+
+pytest: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 unit: install

@@ -347,7 +347,7 @@ def _form_parts(posted: MultiDictProxy[Any]) -> tuple[dict[str, Any], list[bytes
                 raise bad_field("mask", "must be an image file (a multipart file part)")
             mask = value.file.read()
         elif is_file:
-            raise bad_field(name, "is not a file field of this endpoint")
+            raise bad_field(cut(name, 64), "is not a file field of this endpoint")
         elif name.startswith("loras[]"):
             lora_parts.append((name, value))
         elif name in texts:

@@ -152,7 +152,7 @@ class Form:
         values: dict[str, Any] = {}
         for name, value in raw.items():
             if name not in allowed:
-                raise bad_field(name, "is not a field of this endpoint (unrecognized request argument)")
+                raise bad_field(cut(name, 64), "is not a field of this endpoint (unrecognized request argument)")
             if value is None or name in IGNORED:
                 continue
             values[name] = _typed(name, value, from_text)
@@ -189,9 +189,17 @@ def _number(name: str, value: Any, from_text: bool) -> float:
             value = float(value)
         except ValueError:
             raise bad_field(name, f"must be a number, got {_shown(value)}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise bad_field(name, f"must be a finite number, got {_shown(value)}")
     return value
+
+
+def _finite(value: float) -> bool:
+    """Finite, and within a float's range: JSON integers have no bound, and 10**400 would overflow downstream."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _loras(value: Any) -> tuple[tuple[str, float], ...]:

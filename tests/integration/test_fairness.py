@@ -48,6 +48,8 @@ def test_a_flooding_client_cannot_lock_out_another_and_does_not_go_first(store, 
         mine = [send(request(100 + i), timeout=120, metadata=polite.metadata) for i in range(4)]
         again = flood.stub.TextToImage.future(request(99), timeout=120, metadata=flood.metadata)
         assert again.exception(timeout=60).code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # others wait now
+        # The polite calls are queued before the worker goes on (on a loaded machine their validation can lag)
+        wait_for(lambda: len(server.executor.queue) == 12 + 4, what="the polite calls to queue")
         finished: list[str] = []
         for name, calls in (("flood", [first, *backlog]), ("polite", mine)):
             for call in calls:

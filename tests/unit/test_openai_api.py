@@ -57,6 +57,8 @@ def test_form_values_are_typed_from_text_and_json_types_are_held_to():
         ({"n": True}, "n"),
         ({"n": 1.5}, "n"),
         ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"guidance_scale": 10**400}, "guidance_scale"),  # JSON integers are unbounded: a 400, never an overflow
+        ({"num_inference_steps": -(10**400)}, "num_inference_steps"),
         ({"stream": "yes"}, "stream"),
         ({"prompt": 3}, "prompt"),
         ({"strength": 0.5}, "strength"),  # an edit's field, not a generation's
