@@ -28,7 +28,7 @@ from batching import StepEvent
 
 from . import imaging, openai_api, scope
 from .config import ConfigError, ServerConfig
-from .errors import Unauthenticated, Unavailable
+from .errors import Unauthenticated, Unavailable, cut
 from .openai_api import EDITS, GENERATIONS, MODELS, Form, HttpError, ImagesCall, bad_field, http_error
 from .security import (
     UNAUTHENTICATED_MESSAGE,
@@ -310,11 +310,8 @@ async def _shaped_errors(request: web.Request, handler: Any) -> web.StreamRespon
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(
-            HttpError(
-                exc.status, f"{request.method} {request.path}: {exc.reason}", code=exc.reason.lower().replace(" ", "_")
-            )
-        )
+        said = f"{request.method} {cut(request.path, 128)}: {exc.reason}"
+        return error_response(HttpError(exc.status, said, code=exc.reason.lower().replace(" ", "_")))
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
