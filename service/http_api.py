@@ -348,7 +348,7 @@ def _form_parts(posted: MultiDictProxy[Any]) -> tuple[dict[str, Any], list[bytes
         elif name.startswith("loras[]"):
             lora_parts.append((name, value))
         elif name in texts:
-            raise bad_field(name, "is given twice")
+            raise bad_field(cut(name, 64), "is given twice")
         else:
             texts[name] = value
     if lora_parts:
