@@ -12,8 +12,8 @@ cancels a handler whose client disconnected: that is how a dropped call frees it
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +41,6 @@ from .servicer import REQUEST_ID_HEADER, DiffusionServicer
 from .telemetry import TelemetryInterceptor, request_id
 from .validation import MIME_TYPES
 
-log = logging.getLogger(__name__)
 SHUTDOWN_SECONDS = 1.0  # the drain has already waited for every request in flight: this is only for idle sockets
 LATENT_SCALE = 8  # a latent preview's pixels per side: it is made only for SD-family latents, whose VAE is 8x
 
@@ -169,7 +168,8 @@ class HttpApi:
         form = Form.of(texts, openai_api.EDIT_FIELDS, from_text=True)
         outcome.prompt = str(form.get("prompt") or "")
         if mask is not None:
-            mask = await self._off_loop(_openai_mask, mask, self.servicer.limits.max_input_pixels)
+            max_pixels = self.servicer.limits.max_input_pixels
+            mask = await self._off_loop(functools.partial(imaging.mask_from_alpha, max_pixels=max_pixels), mask)
         call = openai_api.edit_call(form, self.servicer.registry, images, mask)
         return await self._answer(request, call, outcome)
 
@@ -356,10 +356,6 @@ def _form_parts(posted: MultiDictProxy[Any]) -> tuple[dict[str, Any], list[bytes
             raise bad_field("loras", "is given twice")
         texts["loras"] = openai_api.form_loras(lora_parts)
     return texts, images, mask
-
-
-def _openai_mask(data: bytes, max_pixels: int) -> bytes:
-    return imaging.mask_from_alpha(data, max_pixels=max_pixels)
 
 
 def _partials(loop: asyncio.AbstractEventLoop, previews: asyncio.Queue[Any], count: int) -> Callable[[StepEvent], None]:
